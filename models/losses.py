@@ -1,0 +1,51 @@
+"""Negative log-likelihood losses and their predictive samplers (REFERENCE §2 conventions)."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Likelihood(str, Enum):
+    """Output distribution of a model; fixes both its loss and its Monte-Carlo Fisher sampler."""
+
+    BERNOULLI = "bernoulli"  # logits; BCE-with-logits summed over outputs
+    GAUSSIAN = "gaussian"  # mean with unit variance; 0.5 * ||x_hat - x||^2 summed over outputs
+    CATEGORICAL = "categorical"  # logits over classes; cross-entropy
+
+    def per_example_nll(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-example negative log-likelihood, summed over all output dimensions; shape (B,)."""
+        batch = output.shape[0]
+        if self is Likelihood.BERNOULLI:
+            nll = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+            return nll.reshape(batch, -1).sum(dim=1)
+        if self is Likelihood.GAUSSIAN:
+            return 0.5 * (output - target).pow(2).reshape(batch, -1).sum(dim=1)
+        return F.cross_entropy(output, target, reduction="none")
+
+    def nll(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mini-batch loss L = (1/B) sum_n l_n with l_n summed over output dimensions."""
+        return self.per_example_nll(output, target).mean()
+
+    def sample(self, output: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
+        """Draw targets from the model's predictive distribution (for the MC Fisher)."""
+        with torch.no_grad():
+            if self is Likelihood.BERNOULLI:
+                probs = torch.sigmoid(output)
+                return torch.bernoulli(probs, generator=generator)
+            if self is Likelihood.GAUSSIAN:
+                noise = torch.randn(
+                    output.shape, generator=generator, device=output.device, dtype=output.dtype
+                )
+                return output + noise
+            probs = torch.softmax(output, dim=-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+    def outputs_per_example(self, output: Tensor) -> int:
+        """Number of output dimensions the per-example NLL sums over (1 for classifiers)."""
+        if self is Likelihood.CATEGORICAL:
+            return 1
+        return int(output[0].numel())

@@ -1,0 +1,1 @@
+"""The suite's spine: config schemas, the training loop, the results store."""
