@@ -1,0 +1,1 @@
+"""Optimizers: first-order baselines, K-FAC and two-level K-FAC."""

@@ -1,0 +1,130 @@
+"""Compose and validate every job of a command line before any work starts.
+
+Hydra's own composition errors span several lines; this turns them (and the suite's semantic
+checks) into one line naming the setting and what is allowed, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from suite.errors import ConfigError
+from suite.validate import validate_config
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+MAX_JOBS_CHECKED = 512
+UNKNOWN_SETTING = "unknown setting (misspelled? `python run.py --cfg job` lists all settings)"
+# Hydra flags after which preflight stands aside (they print or install, never train).
+PASSIVE_FLAGS = (
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "-sc",
+    "--shell-completion",
+)
+FLAGS_WITH_VALUE = (
+    "-cn",
+    "--config-name",
+    "-cp",
+    "--config-path",
+    "-cd",
+    "--config-dir",
+    "-p",
+    "--package",
+)
+
+
+def group_options(group: str) -> list[str]:
+    """Presets available in a config group folder."""
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def one_line(err: Exception) -> str:
+    """A single-line description of a composition or validation error."""
+    if isinstance(err, ConfigError):
+        return str(err)
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing:
+        group, option = missing.groups()
+        allowed = ", ".join(group_options(group)) or "(none)"
+        return f"{group}: unknown option '{option}'; allowed: {allowed}"
+    cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+    if isinstance(cause, ConfigKeyError):
+        key = getattr(cause, "full_key", None) or "setting"
+        return f"{key}: {UNKNOWN_SETTING}"
+    if isinstance(cause, ValidationError):
+        key = getattr(cause, "full_key", None) or "setting"
+        first = str(cause).splitlines()[0]
+        return f"{key}: {first}"
+    override = re.search(r"Could not override '([^']+)'", text)
+    if override:
+        return f"{override.group(1)}: {UNKNOWN_SETTING}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:300]
+
+
+def job_overrides(argv: list[str]) -> tuple[str, list[list[str]]] | None:
+    """Config name and the override list of each job the command line would run."""
+    config_name = "config"
+    plain: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in PASSIVE_FLAGS:
+            return None
+        if arg in FLAGS_WITH_VALUE:
+            value = next(args, "")
+            if arg in ("-cn", "--config-name"):
+                config_name = value
+            continue
+        if arg.startswith("-"):
+            continue
+        key = arg.lstrip("+~").split("=", 1)[0]
+        if key.startswith("hydra.") or key.startswith("hydra/"):
+            continue
+        plain.append(arg)
+    parsed = OverridesParser.create().parse_overrides(plain)
+    choices: list[list[str]] = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line or ""])
+    jobs = [
+        list(combo) for combo in itertools.islice(itertools.product(*choices), MAX_JOBS_CHECKED)
+    ]
+    return config_name, jobs
+
+
+def compose_job(overrides: list[str], *, config_name: str = "config") -> DictConfig:
+    """Compose the config one job would get (as ``run.py`` would, without running it)."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="preflight"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def preflight(argv: list[str]) -> None:
+    """Exit with one line on stderr and status 2 if any job of this command line is invalid."""
+    try:
+        planned = job_overrides(argv)
+        if planned is None:
+            return
+        config_name, jobs = planned
+        for overrides in jobs:
+            validate_config(compose_job(overrides, config_name=config_name))
+    except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,519 @@
+"""The one training loop: every optimizer, every benchmark, every launcher goes through it."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from datasets import DataBundle, Split, load_dataset
+from models import build_model
+from models.losses import Likelihood
+from optimizers.registry import build_optimizer, family_of
+from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
+from suite.environment import code_version, collect_environment
+from suite.errors import ConfigError
+from suite.store import RunFolder, RunRecord, RunStatus, new_run_id, utc_now
+from suite.validate import check_writable, validate_config
+from suite.wandb_logger import make_logger
+
+POINTER_FILE = "run_folder.txt"  # in a Hydra job dir: the run folder a requeued job resumes
+LOSS_REDUCTION = "nll summed over output dimensions, mean over examples"
+
+
+@dataclass
+class RunContext:
+    """What Hydra knows about the job: preset names, sweep identity, its output folder."""
+
+    model_preset: str
+    optimizer_preset: str
+    sweep_id: str | None = None
+    job_dir: Path | None = None
+
+
+class RunDiverged(Exception):
+    """A non-finite or exploding loss."""
+
+
+class StopRequested:
+    """Turns SIGTERM/SIGUSR1/SIGUSR2/SIGINT into a flag checked between steps."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequested]:
+        """Install the handlers for the duration of the block (main thread only)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+
+    def forward_to_previous(self) -> None:
+        """Let a previous handler (e.g. submitit's requeue on SIGUSR2) act on the signal."""
+        handler = self._previous.get(self.signal) if self.signal is not None else None
+        if callable(handler) and self.signal is not None:
+            handler(self.signal, None)
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the suite uses and make CPU kernels deterministic."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _value(x: Any) -> Any:
+    return getattr(x, "value", x)
+
+
+def batch_order(num_examples: int, *, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """The permutation of training examples for ``epoch`` (a pure function of seed and epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).to(device)
+
+
+def _target(split_x: Tensor, split_y: Tensor | None) -> Tensor:
+    return split_x.reshape(split_x.shape[0], -1) if split_y is None else split_y
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, split: Split, likelihood: Likelihood, *, batch_size: int
+) -> dict[str, float]:
+    """Loss (and accuracy for classifiers) over a whole split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, per_output, correct, count = 0.0, 0, 0, 0
+    for start in range(0, split.x.shape[0], batch_size):
+        x = split.x[start : start + batch_size]
+        target = _target(x, None if split.y is None else split.y[start : start + batch_size])
+        output = model(x)
+        total += float(likelihood.per_example_nll(output, target).sum())
+        per_output = likelihood.outputs_per_example(output)
+        if likelihood is Likelihood.CATEGORICAL:
+            correct += int((output.argmax(dim=-1) == target).sum())
+        count += x.shape[0]
+    model.train(was_training)
+    loss = total / max(count, 1)
+    metrics = {"loss": loss, "loss_per_output": loss / max(per_output, 1)}
+    if likelihood is Likelihood.CATEGORICAL:
+        metrics["acc"] = correct / max(count, 1)
+    return metrics
+
+
+class Trainer:
+    """Runs one configured job from start (or checkpoint) to a final status."""
+
+    def __init__(self, cfg: DictConfig, ctx: RunContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.stop = StopRequested()
+
+    # ----------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        validate_config(cfg)
+        if cfg.trainer.threads is not None:
+            torch.set_num_threads(int(cfg.trainer.threads))
+        self.device = resolve_device(str(_value(cfg.trainer.device)))
+        self.dtype = torch.float64 if _value(cfg.trainer.dtype) == "float64" else torch.float32
+        self.likelihood = Likelihood(_value(cfg.model.likelihood))
+        self.family = family_of(cfg.optimizer)
+        seed = int(cfg.trainer.seed)
+        seed_everything(seed)
+        data = load_dataset(str(cfg.model.dataset), cfg.data, device=self.device, seed=seed)
+        self.data = _cast(data, self.dtype)
+        if self.data.train.x.shape[0] < cfg.trainer.batch_size:
+            raise ConfigError(
+                "trainer.batch_size",
+                f"got {cfg.trainer.batch_size}; allowed: at most the {self.data.train.x.shape[0]} "
+                f"training examples of {self.data.variant}",
+            )
+        torch.manual_seed(seed)
+        self.model = build_model(cfg.model).to(device=self.device, dtype=self.dtype)
+        self._check_model_fits()
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = None
+        if len(cfg.trainer.lr_milestones) > 0:
+            self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                self.optimizer,
+                milestones=list(cfg.trainer.lr_milestones),
+                gamma=cfg.trainer.lr_gamma,
+            )
+        self.steps_per_epoch = self.data.train.x.shape[0] // int(cfg.trainer.batch_size)
+        self.total_steps = int(cfg.trainer.epochs) * self.steps_per_epoch
+        if cfg.trainer.max_steps is not None:
+            self.total_steps = (
+                min(self.total_steps, int(cfg.trainer.max_steps))
+                if cfg.trainer.epochs
+                else int(cfg.trainer.max_steps)
+            )
+
+    def _check_model_fits(self) -> None:
+        x = self.data.train.x[:2]
+        try:
+            with torch.no_grad():
+                output = self.model(x)
+                self.likelihood.nll(
+                    output, _target(x, None if self.data.train.y is None else self.data.train.y[:2])
+                )
+        except (RuntimeError, ValueError, IndexError) as err:
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ConfigError(
+                "model.dataset",
+                f"model '{self.ctx.model_preset}' does not fit dataset '{self.data.variant}' "
+                f"(input {tuple(self.data.train.x.shape[1:])}): {first}",
+            ) from None
+
+    def _open_folder(self) -> tuple[RunFolder, bool]:
+        """A new run folder, or the one to resume (explicit or after a requeue)."""
+        cfg = self.cfg
+        resume_from = cfg.trainer.resume
+        if resume_from is None and self.ctx.job_dir is not None:
+            pointer = self.ctx.job_dir / POINTER_FILE
+            if pointer.exists():
+                candidate = Path(pointer.read_text().strip())
+                if (candidate / "checkpoint.pt").exists():
+                    resume_from = str(candidate)
+        if resume_from is not None:
+            folder = RunFolder(Path(resume_from))
+            if not folder.checkpoint_path.exists():
+                raise ConfigError(
+                    "trainer.resume",
+                    f"no checkpoint in '{resume_from}'; allowed: a run folder with checkpoint.pt",
+                )
+            status = folder.read_summary().get("status")
+            if status == RunStatus.COMPLETED.value:
+                raise ConfigError("trainer.resume", f"run '{resume_from}' is already completed")
+            return folder, True
+        root = Path(str(cfg.results.root))
+        check_writable(root)
+        run_id = new_run_id(
+            model=self.ctx.model_preset,
+            optimizer=self.ctx.optimizer_preset,
+            seed=int(cfg.trainer.seed),
+        )
+        folder = RunFolder.create(root, run_id)
+        if self.ctx.job_dir is not None:
+            self.ctx.job_dir.mkdir(parents=True, exist_ok=True)
+            (self.ctx.job_dir / POINTER_FILE).write_text(str(folder.path.resolve()) + "\n")
+        return folder, False
+
+    # --------------------------------------------------------------- summary
+    def _summary(self, status: RunStatus, **extra: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        last = self.record.evals[-1] if self.record.evals else {}
+        best = self.progress.best
+        summary: dict[str, Any] = {
+            "run_id": self.folder.path.name,
+            "sweep_id": self.ctx.sweep_id,
+            "experiment": cfg.experiment,
+            "scale": _value(cfg.scale),
+            "status": status.value,
+            "model": self.ctx.model_preset,
+            "dataset": str(cfg.model.dataset),
+            "data_variant": self.data.variant,
+            "data_description": self.data.description,
+            "optimizer": self.ctx.optimizer_preset,
+            "optimizer_family": str(cfg.optimizer.name),
+            "hyperparameters": {
+                k: _value(v)
+                for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items()  # type: ignore[union-attr]
+            },
+            "seed": int(cfg.trainer.seed),
+            "batch_size": int(cfg.trainer.batch_size),
+            "device": str(self.device),
+            "likelihood": self.likelihood.value,
+            "loss_reduction": LOSS_REDUCTION,
+            "epochs_completed": self.progress.step / max(self.steps_per_epoch, 1),
+            "steps_completed": self.progress.step,
+            "wall_clock_s": self.progress.wall_time_s,
+            "started_at": self.started_at,
+            "finished_at": None,
+            "code_version": code_version()["commit"],
+            "tuning": OmegaConf.to_container(cfg.tuning) if cfg.tuning is not None else None,
+            "diverged_step": None,
+            "error": None,
+        }
+        for split in ("train", "val", "test"):
+            summary[f"final_{split}_loss"] = last.get(f"{split}_loss")
+            summary[f"best_{split}_loss"] = best.get(f"{split}_loss")
+            summary[f"final_{split}_loss_per_output"] = last.get(f"{split}_loss_per_output")
+            summary[f"final_{split}_acc"] = last.get(f"{split}_acc")
+            summary[f"best_{split}_acc"] = best.get(f"{split}_acc")
+        summary.update(extra)
+        return summary
+
+    def _write(self, status: RunStatus, **extra: Any) -> dict[str, Any]:
+        self.folder.write_metrics(self.record)
+        summary = self._summary(status, **extra)
+        self.folder.write_summary(summary)
+        return summary
+
+    # ------------------------------------------------------------ evaluation
+    def _evaluate(self) -> None:
+        row: dict[str, float] = {
+            "step": self.progress.step,
+            "epoch": self.progress.step / self.steps_per_epoch,
+            "wall_time_s": self.progress.wall_time_s,
+        }
+        batch = int(self.cfg.trainer.eval_batch_size)
+        for name in ("train", "val", "test"):
+            split = getattr(self.data, name)
+            if split is None or split.x.shape[0] == 0:
+                continue
+            for key, value in evaluate(
+                self.model, split, self.likelihood, batch_size=batch
+            ).items():
+                row[f"{name}_{key}"] = value
+        if self.cfg.trainer.diagnostics and hasattr(self.optimizer, "diagnostics"):
+            for key, value in self.optimizer.diagnostics().items():
+                row[f"diag_{key}"] = float(value)
+        self.record.evals.append(row)
+        for key, value in row.items():
+            if key.endswith("_loss") and math.isfinite(value):
+                self.progress.best[key] = min(self.progress.best.get(key, math.inf), value)
+            if key.endswith("_acc"):
+                self.progress.best[key] = max(self.progress.best.get(key, -math.inf), value)
+        self.logger.log(row, step=self.progress.step)
+
+    # ------------------------------------------------------------------ step
+    def _step(self, x: Tensor, target: Tensor) -> float:
+        model, optimizer, likelihood = self.model, self.optimizer, self.likelihood
+        optimizer.zero_grad(set_to_none=True)
+        if self.family.curvature:
+            with optimizer.capture():  # type: ignore[attr-defined]
+                output = model(x)
+            loss = likelihood.nll(output, target)
+            optimizer.fisher_backward(output, likelihood=likelihood, target=target)  # type: ignore[attr-defined]
+            loss.backward()
+
+            def closure() -> Tensor:
+                with torch.no_grad():
+                    return likelihood.nll(model(x), target)
+
+            optimizer.step(closure)
+        else:
+            output = model(x)
+            loss = likelihood.nll(output, target)
+            loss.backward()
+            optimizer.step()
+        value = float(loss.detach())
+        if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
+            raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
+        return value
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(
+            self.folder.checkpoint_path,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            progress=self.progress,
+            record=self.record,
+        )
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_step = self.progress.step
+
+    def _checkpoint_due(self) -> bool:
+        t = self.cfg.trainer
+        if (
+            t.checkpoint_every_steps is not None
+            and self.progress.step - self._last_checkpoint_step >= t.checkpoint_every_steps
+        ):
+            return True
+        minutes = t.checkpoint_every_minutes
+        return minutes is not None and time.monotonic() - self._last_checkpoint >= 60.0 * minutes
+
+    # ------------------------------------------------------------------- run
+    def run(self) -> RunStatus:
+        """Train to the end, a divergence or a stop signal; returns the final status."""
+        self._setup()
+        self.folder, resumed = self._open_folder()
+        self.started_at = utc_now()
+        self.record = RunRecord()
+        self.progress = Progress()
+        if resumed:
+            self.started_at = self.folder.read_summary().get("started_at") or self.started_at
+            self.progress, self.record = load_checkpoint(
+                self.folder.checkpoint_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+            )
+            print(f"resuming {self.folder.path} at step {self.progress.step}", file=sys.stderr)
+        else:
+            self.folder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
+        self.folder.write_environment(collect_environment(self.device))
+        self.logger = make_logger(
+            self.cfg.logger,
+            run_id=self.folder.path.name,
+            run_dir=self.folder.path,
+            group=self.ctx.sweep_id or self.cfg.experiment,
+            config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
+            resume=resumed,
+        )
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_step = self.progress.step
+        if not self.record.evals:
+            self._evaluate()
+        self._write(RunStatus.RUNNING)
+        status = RunStatus.FAILED
+        try:
+            with self.stop.installed():
+                status = self._train()
+        except RunDiverged as err:
+            status = RunStatus.DIVERGED
+            summary = self._write(
+                status, diverged_step=self.progress.step + 1, error=str(err), finished_at=utc_now()
+            )
+            print(
+                f"diverged: {err}; run recorded as diverged in {self.folder.path}", file=sys.stderr
+            )
+            self.logger.finish(summary)
+            return status
+        except BaseException as err:
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            interrupted = isinstance(err, KeyboardInterrupt)
+            status = RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED
+            self.logger.finish(self._write(status, error=f"{type(err).__name__}: {message}"))
+            raise
+        if status is RunStatus.INTERRUPTED:
+            self._checkpoint()
+            summary = self._write(status, error=f"stopped by signal {self.stop.signal}")
+            self.logger.finish(summary)
+            print(
+                f"interrupted at step {self.progress.step}; checkpoint in {self.folder.path}",
+                file=sys.stderr,
+            )
+            self.stop.forward_to_previous()
+            return status
+        self._checkpoint()
+        summary = self._write(RunStatus.COMPLETED, finished_at=utc_now())
+        self.logger.finish(summary)
+        return RunStatus.COMPLETED
+
+    def _train(self) -> RunStatus:
+        cfg = self.cfg.trainer
+        batch = int(cfg.batch_size)
+        eval_every = cfg.eval_every_steps or self.steps_per_epoch
+        train = self.data.train
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.progress.step,
+            disable=not cfg.progress or None,
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        with bar:
+            while self.progress.step < self.total_steps:
+                p = self.progress
+                order = batch_order(
+                    train.x.shape[0], seed=int(cfg.seed), epoch=p.epoch, device=self.device
+                )
+                while p.batch_in_epoch < self.steps_per_epoch and p.step < self.total_steps:
+                    idx = order[p.batch_in_epoch * batch : (p.batch_in_epoch + 1) * batch]
+                    x = train.x[idx]
+                    target = _target(x, None if train.y is None else train.y[idx])
+                    start = time.perf_counter()
+                    loss = self._step(x, target)
+                    elapsed = time.perf_counter() - start
+                    p.step += 1
+                    p.batch_in_epoch += 1
+                    p.wall_time_s += elapsed
+                    row = {
+                        "step": p.step,
+                        "epoch": p.step / self.steps_per_epoch,
+                        "batch_loss": loss,
+                        "lr": float(self.optimizer.param_groups[0]["lr"]),
+                        "step_time_s": elapsed,
+                        "wall_time_s": p.wall_time_s,
+                    }
+                    self.record.steps.append(row)
+                    bar.update(1)
+                    bar.set_postfix(
+                        epoch=f"{p.step / self.steps_per_epoch:.2f}", loss=f"{loss:.4g}"
+                    )
+                    if p.batch_in_epoch == self.steps_per_epoch:
+                        p.epoch += 1
+                        p.batch_in_epoch = 0
+                        if self.scheduler is not None:
+                            self.scheduler.step()
+                    if p.step % eval_every == 0 or p.step == self.total_steps:
+                        self._evaluate()
+                        self._write(RunStatus.RUNNING)
+                    if self.stop.signal is not None:
+                        return RunStatus.INTERRUPTED
+                    if self._checkpoint_due():
+                        self._checkpoint()
+                        self._write(RunStatus.RUNNING)
+        return RunStatus.COMPLETED
+
+
+def _cast(data: DataBundle, dtype: torch.dtype) -> DataBundle:
+    """Floating-point inputs (and Gaussian/Bernoulli float targets) in the run's dtype."""
+
+    def cast(split: Split | None) -> Split | None:
+        if split is None:
+            return None
+        y = split.y
+        if y is not None and y.is_floating_point():
+            y = y.to(dtype)
+        return Split(split.x.to(dtype), y)
+
+    data.train = cast(data.train)  # type: ignore[assignment]
+    data.val = cast(data.val)  # type: ignore[assignment]
+    data.test = cast(data.test)  # type: ignore[assignment]
+    return data
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> RunStatus:
+    """Run one job; the entry point that run.py (and tests) call."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return Trainer(cfg, ctx).run()
