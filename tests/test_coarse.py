@@ -1,0 +1,286 @@
+"""Coarse spaces and coarse Fisher matrices (optimizers/coarse.py) against dense float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_coarse_support import (
+    capture_stats,
+    dense_restriction,
+    flat,
+    make_batch,
+    make_net,
+    per_example_jacobian,
+    unflat,
+)
+from torch import Tensor
+
+from optimizers.coarse import (
+    BasisNorm,
+    CoarseDamping,
+    CoarseFisher,
+    LayerBasis,
+    LayerStats,
+    aligned_eigenpairs,
+    coarse_damping,
+    coarse_fisher,
+    dense_basis,
+    enriched_basis,
+    factor_coarse,
+    fisher_vector_product,
+    kron_nicolaides_fisher,
+    kron_scale,
+    nicolaides_basis,
+    nicolaides_moments,
+    normalise_basis,
+    per_example_projections,
+    prolong,
+    restrict,
+    spectral_basis,
+)
+
+BATCH = 5
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[list[LayerStats], Tensor]:
+    """Captured statistics and autograd per-example gradients (B, N) of the tiny network."""
+    net = make_net()
+    x, y = make_batch(BATCH)
+    return capture_stats(net, x, y), per_example_jacobian(net, x, y)
+
+
+def random_bases(stats: list[LayerStats], *, seed: int, ones: bool) -> list[LayerBasis]:
+    """Random dense bases (1–2 vectors per layer), optionally after an all-ones vector."""
+    gen = torch.Generator().manual_seed(seed)
+    bases = []
+    for index, st in enumerate(stats):
+        k = 1 + index % 2
+        vecs = torch.randn(k, *st.shape, generator=gen, dtype=torch.float64)
+        bases.append(dense_basis(vecs, with_ones=ones))
+    return bases
+
+
+def grid_index_reference(src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """Source positions picked by torch's nearest-exact down-sampling, flattened."""
+    index = torch.arange(src[0] * src[1], dtype=torch.float64).reshape(1, 1, *src)
+    return F.interpolate(index, size=dst, mode="nearest-exact").reshape(-1).long()
+
+
+def explicit_kron_fisher(stats: list[LayerStats]) -> Tensor:
+    """Full cross-layer Kronecker Fisher c_ij (G_ij ⊗ Ā_ij) (row-major vec) from explicit blocks."""
+    scale = kron_scale(stats)
+    rows = []
+    for i, si in enumerate(stats):
+        row = []
+        for j, sj in enumerate(stats):
+            grid = (min(si.grid[0], sj.grid[0]), min(si.grid[1], sj.grid[1]))
+            ii, jj = grid_index_reference(si.grid, grid), grid_index_reference(sj.grid, grid)
+            a_i, a_j = si.a[:, ii].flatten(0, 1), sj.a[:, jj].flatten(0, 1)
+            g_i, g_j = si.g[:, ii].flatten(0, 1), sj.g[:, jj].flatten(0, 1)
+            cross_a = a_i.T @ a_j / a_i.shape[0]
+            cross_g = g_i.T @ g_j / g_i.shape[0]
+            row.append(scale[i, j] * torch.kron(cross_g, cross_a))
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
+
+
+def test_stats_reproduce_autograd_per_example_gradients(setup: tuple) -> None:
+    stats, jac = setup
+    mine = torch.cat([torch.einsum("bpo,bpi->boi", st.g, st.a).flatten(1) for st in stats], dim=1)
+    torch.testing.assert_close(mine, jac)
+
+
+def test_fisher_vector_product_matches_dense_fisher(setup: tuple) -> None:
+    stats, jac = setup
+    fisher = jac.T @ jac / jac.shape[0]
+    vec = torch.randn(jac.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    shapes = [st.shape for st in stats]
+    out = flat(fisher_vector_product(stats, unflat(vec, shapes)))
+    torch.testing.assert_close(out, fisher @ vec)
+
+
+@pytest.mark.parametrize("ones", [True, False])
+def test_restrict_prolong_projections_match_dense_r0(setup: tuple, ones: bool) -> None:
+    stats, jac = setup
+    bases = random_bases(stats, seed=4, ones=ones)
+    r0 = dense_restriction(bases)
+    vec = torch.randn(jac.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    coeffs = torch.randn(r0.shape[0], dtype=torch.float64)
+    shapes = [st.shape for st in stats]
+    torch.testing.assert_close(restrict(bases, unflat(vec, shapes)), r0 @ vec)
+    torch.testing.assert_close(flat(prolong(bases, coeffs)), r0.T @ coeffs)
+    torch.testing.assert_close(per_example_projections(stats, bases), jac @ r0.T)
+
+
+@pytest.mark.parametrize("kind", ["nicolaides", "dense", "mixed"])
+def test_exact_coarse_fisher_is_projected_fisher(setup: tuple, kind: str) -> None:
+    stats, jac = setup
+    if kind == "nicolaides":
+        bases = [nicolaides_basis(st.shape) for st in stats]
+    else:
+        bases = random_bases(stats, seed=6, ones=kind == "mixed")
+    r0 = dense_restriction(bases)
+    fisher = jac.T @ jac / jac.shape[0]
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.EXACT, stats, bases), r0 @ fisher @ r0.T)
+
+
+def test_grid_downsampling_is_nearest_exact() -> None:
+    from optimizers.coarse import _grid_indices
+
+    for src, dst in [((3, 3), (2, 2)), ((7, 5), (3, 2)), ((4, 4), (1, 1)), ((2, 3), (2, 3))]:
+        mine = _grid_indices(src, dst, torch.device("cpu"))
+        torch.testing.assert_close(mine, grid_index_reference(src, dst))
+
+
+def test_kron_nicolaides_from_sums_equals_explicit_blocks(setup: tuple) -> None:
+    stats, _ = setup
+    bases = [nicolaides_basis(st.shape) for st in stats]
+    r0 = dense_restriction(bases)
+    explicit = r0 @ explicit_kron_fisher(stats) @ r0.T  # 1^T (Ā_ij ⊗ G_ij) 1, scaled
+    moment_a, moment_g = nicolaides_moments(stats)
+    scales = torch.ones(len(stats), dtype=torch.float64)
+    cheap = kron_nicolaides_fisher(moment_a, moment_g, kron_scale(stats), scales)
+    torch.testing.assert_close(cheap, explicit)
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.KRON, stats, bases), explicit)
+
+
+@pytest.mark.parametrize("ones", [True, False])
+def test_kron_general_bases_equal_explicit_blocks(setup: tuple, ones: bool) -> None:
+    stats, _ = setup
+    bases = [normalise_basis(b, BasisNorm.UNIT) for b in random_bases(stats, seed=7, ones=ones)]
+    r0 = dense_restriction(bases)
+    explicit = r0 @ explicit_kron_fisher(stats) @ r0.T
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.KRON, stats, bases), explicit)
+
+
+def test_kron_diagonal_block_is_kfc_factor_product(setup: tuple) -> None:
+    stats, _ = setup
+    st = stats[0]  # conv with 9 positions: P · mean_p(ā ā^T) ⊗ mean_p(g g^T)
+    rows_a, rows_g = st.a.flatten(0, 1), st.g.flatten(0, 1)
+    factor_a, factor_g = rows_a.T @ rows_a / len(rows_a), rows_g.T @ rows_g / len(rows_g)
+    expected = st.positions * factor_a.sum() * factor_g.sum()
+    got = coarse_fisher(CoarseFisher.KRON, stats, [nicolaides_basis(s.shape) for s in stats])
+    torch.testing.assert_close(got[0, 0], expected)
+
+
+def test_kron_and_exact_agree_for_one_example_and_differ_for_a_batch() -> None:
+    net = make_net()
+    for batch, agree in ((1, True), (6, False)):
+        x, y = make_batch(batch)
+        stats = capture_stats(net, x, y)[2:]  # the Linear layers (one position)
+        bases = [nicolaides_basis(st.shape) for st in stats]
+        kron = coarse_fisher(CoarseFisher.KRON, stats, bases)
+        exact = coarse_fisher(CoarseFisher.EXACT, stats, bases)
+        assert torch.allclose(kron, exact) == agree
+
+
+def test_spectral_vector_is_smallest_kronecker_eigenvector() -> None:
+    gen = torch.Generator().manual_seed(8)
+    xa = torch.randn(20, 5, generator=gen, dtype=torch.float64)
+    xg = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    fa, fg = xa.T @ xa / 20, xg.T @ xg / 20
+    basis = spectral_basis(eig_a=torch.linalg.eigh(fa), eig_g=torch.linalg.eigh(fg))
+    assert basis.vectors is not None and basis.size == 1
+    vec = basis.vectors[0].reshape(-1)
+    kron = torch.kron(fg, fa)  # row-major vec of G X A
+    lowest = torch.linalg.eigvalsh(kron)[0]
+    torch.testing.assert_close(kron @ vec, lowest * vec)
+    torch.testing.assert_close(vec.norm(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_spectral_tie_break_is_basis_independent() -> None:
+    gen = torch.Generator().manual_seed(9)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen, dtype=torch.float64))
+    evals = torch.tensor([0.0, 0.0, 0.0, 1.0, 2.0, 3.0], dtype=torch.float64)  # rank-deficient A
+    rot, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    q_other = torch.cat([q[:, :3] @ rot, q[:, 3:]], dim=1)  # another eigenbasis of the same A
+    _, first = aligned_eigenpairs(evals, q)
+    _, second = aligned_eigenpairs(evals, q_other)
+    torch.testing.assert_close(first[:, 0], second[:, 0])
+    ones = torch.ones(6, dtype=torch.float64)
+    proj = q[:, :3] @ (q[:, :3].T @ ones)
+    torch.testing.assert_close(first[:, 0], proj / proj.norm())  # projection of 1
+    torch.testing.assert_close(first.T @ first, torch.eye(6, dtype=torch.float64))
+    fa = (q * evals) @ q.T
+    torch.testing.assert_close(fa @ first[:, :3], torch.zeros(6, 3, dtype=torch.float64))
+
+
+def test_spectral_nbasis_orders_by_eigenvalue_product() -> None:
+    da = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
+    dg = torch.tensor([5.0, 0.5], dtype=torch.float64)
+    qa, qg = torch.eye(3, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    basis = spectral_basis(eig_a=(da, qa), eig_g=(dg, qg), nbasis=3)
+    assert basis.vectors is not None
+    # products in increasing order: 0.5·1, 0.5·2, 0.5·3 → all with the G eigenvector 1
+    picked = [tuple(int(i) for i in torch.nonzero(v.abs() > 0.5)[0]) for v in basis.vectors]
+    assert picked == [(1, 1), (1, 2), (1, 0)]
+
+
+def test_enriched_picks_largest_gradient_projections() -> None:
+    gen = torch.Generator().manual_seed(10)
+    qa, _ = torch.linalg.qr(torch.randn(4, 4, generator=gen, dtype=torch.float64))
+    qg, _ = torch.linalg.qr(torch.randn(3, 3, generator=gen, dtype=torch.float64))
+    grad = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    da, dg = torch.rand(4, dtype=torch.float64), torch.rand(3, dtype=torch.float64)
+    basis = enriched_basis(grad=grad, eig_a=(da, qa), eig_g=(dg, qg), nbasis=4)
+    assert basis.ones_scale == 1.0 and basis.vectors is not None and basis.size == 4
+    coef = {(k, m): float((qg[:, k] @ grad @ qa[:, m]).abs()) for k in range(3) for m in range(4)}
+    best = sorted(coef, key=lambda km: -coef[km])[:3]
+    expected = torch.stack([torch.outer(qg[:, k], qa[:, m]) for k, m in best])
+    torch.testing.assert_close(basis.vectors, expected)
+
+
+@pytest.mark.parametrize("norm", list(BasisNorm))
+def test_normalise_basis(norm: BasisNorm) -> None:
+    vecs = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    basis = normalise_basis(dense_basis(vecs, with_ones=True), norm)
+    rows = basis.dense(dtype=torch.float64, device=torch.device("cpu")).flatten(1)
+    if norm is BasisNorm.NONE:
+        torch.testing.assert_close(rows[1:], vecs.flatten(1))
+        assert basis.ones_scale == 1.0
+        return
+    size = rows.norm(dim=1) if norm is BasisNorm.UNIT else rows.abs().amax(dim=1)
+    torch.testing.assert_close(size, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(rows[1:] / rows[1:, :1], vecs.flatten(1) / vecs.flatten(1)[:, :1])
+
+
+@pytest.mark.parametrize("kind", list(CoarseDamping))
+def test_coarse_damping_matrix(setup: tuple, kind: CoarseDamping) -> None:
+    stats, _ = setup
+    bases = random_bases(stats, seed=12, ones=True)
+    r0 = dense_restriction(bases)
+    got = coarse_damping(kind, bases, 0.3, dtype=torch.float64, device=torch.device("cpu"))
+    expected = 0.3 * (
+        torch.eye(r0.shape[0], dtype=torch.float64) if kind is CoarseDamping.DIAGONAL else r0 @ r0.T
+    )
+    torch.testing.assert_close(got, expected)
+    nicol = [nicolaides_basis(st.shape) for st in stats]
+    got = coarse_damping(kind, nicol, 0.3, dtype=torch.float64, device=torch.device("cpu"))
+    sizes = torch.tensor([float(st.shape[0] * st.shape[1]) for st in stats], dtype=torch.float64)
+    diag = sizes if kind is CoarseDamping.PROJECTED else torch.ones_like(sizes)
+    torch.testing.assert_close(got, 0.3 * torch.diag(diag))  # Koroko: λ N_i for ones
+
+
+def test_factor_coarse_solves_and_clips_indefinite_part() -> None:
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    fisher, damping = x.T @ x, 0.1 * torch.eye(4, dtype=torch.float64)
+    solver = factor_coarse(fisher, damping)
+    rhs = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(solver.solve(rhs), torch.linalg.solve(fisher + damping, rhs))
+    cond = torch.linalg.cond(fisher + damping)
+    assert solver.condition_number() == pytest.approx(float(cond), rel=1e-8)
+    indefinite = torch.diag(torch.tensor([2.0, -1.0], dtype=torch.float64))
+    clipped = factor_coarse(indefinite, 0.5 * torch.eye(2, dtype=torch.float64)).matrix()
+    torch.testing.assert_close(clipped, torch.diag(torch.tensor([2.5, 0.5], dtype=torch.float64)))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="nbasis"):
+        spectral_basis(
+            eig_a=(torch.ones(2), torch.eye(2)), eig_g=(torch.ones(2), torch.eye(2)), nbasis=0
+        )
+    with pytest.raises(ValueError, match="grid"):
+        LayerStats(a=torch.zeros(2, 4, 3), g=torch.zeros(2, 4, 1), grid=(3, 3))
