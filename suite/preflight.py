@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from suite.errors import ConfigError
@@ -114,6 +114,16 @@ def compose_job(overrides: list[str], *, config_name: str = "config") -> DictCon
     """Compose the config one job would get (as ``run.py`` would, without running it)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="preflight"):
         return compose(config_name=config_name, overrides=overrides)
+
+
+def compose_with_choices(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """Compose a job's config and return it with Hydra's chosen preset per group."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="preflight"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
 
 
 def preflight(argv: list[str]) -> None:

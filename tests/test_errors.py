@@ -1,0 +1,139 @@
+"""Bad input: one line naming the setting and what is allowed, exit 2, no completed run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from suite.errors import ConfigError
+from suite.preflight import preflight
+from suite.store import find_run_folders, read_run
+from tests.conftest import FAST, run_cli
+
+# (overrides, text the one-line message must contain)
+PREFLIGHT_CASES = [
+    (["optimizer=nope"], "optimizer: unknown option 'nope'; allowed: adam,"),
+    (["model=nope"], "model: unknown option 'nope'; allowed:"),
+    (["logger=nope"], "logger: unknown option 'nope'; allowed: none, wandb"),
+    (["trainer.epoch=3"], "trainer.epoch: unknown setting"),
+    (["trainer.epochs=abc"], "trainer.epochs: Value 'abc'"),
+    (["trainer.device=tpu"], "trainer.device: Invalid value 'tpu'"),
+    (["optimizer=sgd", "optimizer.lr=-0.1"], "optimizer.lr: got -0.1; allowed: a positive number"),
+    (
+        ["optimizer=sgd", "optimizer.momentum=1.5"],
+        "optimizer.momentum: got 1.5; allowed: a number in [0, 1)",
+    ),
+    (["optimizer=adam", "optimizer.beta2=1.0"], "optimizer.beta2: got 1.0"),
+    (["trainer.batch_size=0"], "trainer.batch_size: got 0; allowed: an integer >= 1"),
+    (["trainer.epochs=0"], "trainer.epochs: is 0 and trainer.max_steps is null"),
+    (["trainer.lr_milestones=[5,3]"], "trainer.lr_milestones: got [5, 3]"),
+    (["data.val_fraction=1.0"], "data.val_fraction: got 1.0; allowed: a number in [0, 1)"),
+    (["optimizer=kfac", "optimizer.damping=0"], "optimizer.damping: got 0"),
+    (["optimizer=kfac", "optimizer.cov_period=0"], "optimizer.cov_period: got 0"),
+    (["optimizer=kfac", "optimizer.stats_fraction=1.5"], "optimizer.stats_fraction: got 1.5"),
+    (["optimizer=kfac", "optimizer.kl_clip=-1"], "optimizer.kl_clip: got -1"),
+    (
+        ["optimizer=kfac", "optimizer.cov_period=10", "optimizer.inv_period=15"],
+        "optimizer.inv_period: got 15; allowed: a multiple of optimizer.cov_period (10)",
+    ),
+    (
+        ["optimizer=kfac", "optimizer.damping_mode=cholesky"],
+        "optimizer.damping_mode: Invalid value",
+    ),
+    (["optimizer=kfac2", "optimizer.coarse_space=foo"], "optimizer.coarse_space: Invalid value"),
+    (
+        ["model.likelihood=categorical"],
+        "model.likelihood: categorical does not fit task=autoencoder",
+    ),
+    (["-m", "optimizer=sgd,adam", "optimizer.lr=0.1,-1"], "optimizer.lr: got -1"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), PREFLIGHT_CASES)
+def test_preflight_rejects_with_one_line(
+    overrides: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(overrides)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("error: ") and expected in err, err
+
+
+def test_preflight_accepts_valid_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    preflight(["-m", "optimizer=sgd,adam,kfac,kfac2", "trainer.seed=0,1", "model=mnist_ae"])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_device(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        preflight(["trainer.device=cuda"])
+    assert "trainer.device: cuda requested but no CUDA device" in capsys.readouterr().err
+
+
+def test_unwritable_results_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        preflight([f"results.root={blocker / 'results'}"])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "results.root: cannot write run folders under" in err
+
+
+RUNTIME_CASES = [
+    (["trainer.batch_size=100000"], "trainer.batch_size: got 100000; allowed: at most the 400"),
+    (["model.dataset=synthetic_images"], "model.dataset: model 'mnist_ae' does not fit dataset"),
+    (["trainer.resume=/nonexistent/run"], "trainer.resume: no checkpoint in '/nonexistent/run'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), RUNTIME_CASES)
+def test_runtime_errors_leave_no_completed_run(
+    overrides: list[str],
+    expected: str,
+    run_job,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        run_job(*overrides)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    root = tmp_path / "results"
+    completed = [f for f in find_run_folders(root)] if root.exists() else []
+    assert all(read_run(f).summary["status"] != "completed" for f in completed)
+
+
+def test_missing_curves_files_name_the_folder(tmp_path: Path) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    proc = run_cli(
+        "model=curves_ae",
+        "data.source=folder",
+        f"data.root={empty}",
+        *FAST[1:],
+        f"results.root={tmp_path / 'results'}",
+        f"hydra.run.dir={tmp_path / 'h'}",
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and str(empty) in last and "digs3pts_1.mat" in last
+    assert not (tmp_path / "results").exists() or not find_run_folders(tmp_path / "results")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["optimizer=nope"], "optimizer: unknown option 'nope'"),
+        (["optimizer.lr=-1"], "optimizer.lr: got -1"),
+        (["trainer.epoch=1"], "trainer.epoch: unknown setting"),
+    ],
+)
+def test_cli_errors_exit_2_with_one_line(args: list[str], expected: str, tmp_path: Path) -> None:
+    proc = run_cli(*args, f"results.root={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
+    assert not find_run_folders(tmp_path)
