@@ -1,0 +1,620 @@
+"""K-FAC (Martens & Grosse 2015; KFC for convolutions) as a torch.optim.Optimizer.
+
+The optimizer is built from the model: it finds every nn.Linear and nn.Conv2d (groups = 1) with
+trainable parameters, gives each a curvature block (`optimizers.curvature`) and registers a
+forward hook on it. All other parameters (BatchNorm, ...) take the plain gradient through the same
+momentum / weight-decay update. One training step (the suite's plain-loop protocol):
+
+    optimizer.zero_grad(set_to_none=True)
+    with optimizer.capture():          # records layer inputs/outputs on statistics steps only
+        output = model(x)
+    loss = likelihood.nll(output, target)    # mean over the batch of per-example NLLs
+    optimizer.fisher_backward(output, likelihood=likelihood, target=target)
+    loss.backward()
+    optimizer.step(closure)            # closure() -> batch loss; only adaptive damping uses it
+
+Statistics steps are those with step % cov_period == 0 (counting from 0); on the others
+`capture` and `fisher_backward` do nothing. On a statistics step `capture` keeps the inputs of the
+first ⌈stats_fraction·B⌉ examples; `fisher_backward` then, for the MC Fisher, samples targets
+from the model's predictive distribution (`Likelihood.sample`, seeded generator owned by the
+optimizer and saved in its state) and back-propagates their summed NLL to the layer outputs only
+(`torch.autograd.grad`, no parameter gradient is touched); for the empirical Fisher it does
+nothing and tensor hooks read the output gradients during `loss.backward()` (multiplied by B,
+as the loss is a batch mean). Inverses are refreshed on steps with step % inv_period == 0.
+
+Update (REFERENCE §2): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of two-level
+K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as in
+the authors' code ν scales the preconditioned blocks only), d = νΔ + wd·θ (Δ = ∇ for plain
+parameters), buf = μ·buf + d, θ ← θ − η·buf. lr, momentum, weight_decay, damping and kl_clip live
+in param_groups, so LR schedulers work and the state dict carries them.
+
+Adaptive damping (Levenberg–Marquardt, Martens & Grosse 2015 §6.5): every damping_period steps
+ρ = (h(θ + δ) − h(θ)) / M(δ) with h = batch loss + (wd/2)‖θ‖², δ the step actually taken and
+M(δ) = ⟨∇h, δ⟩ + ½ δᵀ(F̃ + λI)δ, where F̃ is the K-FAC approximation itself (block-diagonal
+A ⊗ G on the preconditioned layers, 0 on plain parameters); h(θ) comes from `fisher_backward`
+(or an extra closure call), h(θ + δ) from the closure. ρ < 1/4 → λ ← λ/ω, ρ > 3/4 → λ ← ω·λ with
+ω = damping_decay ** damping_period (M&G: (19/20)^5). A new λ re-damps the current inverses at
+once (eigen: rescaling only; factored: new Cholesky factors of the current A, G).
+
+Extension points for subclasses (two-level K-FAC): `precondition(grads)`, `update_statistics()`,
+`update_inverses()`, `refresh_damping()`, `curvature_state_dict()` /
+`load_curvature_state_dict()`; `blocks` lists the curvature blocks in module order.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from models.losses import Likelihood
+from optimizers.curvature import KFACBlock, ema_decay, make_block
+from optimizers.enums import DampingMode, FisherType, parse_enum
+
+# Bounds of the adaptively adjusted damping λ.
+DAMPING_MIN = 1.0e-8
+DAMPING_MAX = 1.0e8
+# Levenberg–Marquardt thresholds on the reduction ratio ρ.
+RHO_LOW = 0.25
+RHO_HIGH = 0.75
+
+
+@dataclass
+class KFACConfig:
+    """K-FAC settings (REFERENCE §2); defaults are the two-level authors' (T_cov 10, T_inv 100)."""
+
+    name: str = "kfac"
+    lr: float = 0.01  # learning rate η
+    momentum: float = 0.9  # heavy-ball momentum μ
+    weight_decay: float = 0.0  # wd, added to the preconditioned direction
+    damping: float = 1.0e-3  # Tikhonov damping λ (initial value when adaptive)
+    damping_mode: DampingMode = DampingMode.EIGEN  # eigen | factored
+    fisher: FisherType = FisherType.MC  # mc | empirical
+    ema_max: float = 0.95  # running-average cap ε_max
+    cov_period: int = 10  # statistics every T_cov steps
+    inv_period: int = 100  # inverses every T_inv steps
+    stats_fraction: float = 1.0  # statistics on the first ⌈fraction·B⌉ examples
+    kl_clip: float | None = 1.0e-2  # κ of the KL clip; None: off
+    adaptive_damping: bool = False  # Levenberg–Marquardt adaptation of λ
+    damping_period: int = 5  # adapt λ every this many steps
+    damping_decay: float = 0.95  # per-step factor ω; λ changes by ω^damping_period
+    seed: int | None = None  # MC sampling seed; None: torch.initial_seed()
+
+
+@dataclass
+class KFACCounters:
+    """Step counters and numerical incidents (saved with the curvature state)."""
+
+    steps: int = 0  # optimizer steps taken
+    stats_updates: int = 0  # statistics steps taken
+    inverse_updates: int = 0  # inverse refreshes
+    damping_updates: int = 0  # adaptive-damping decisions
+    nonfinite_stats: int = 0  # block statistics skipped because they were not finite
+    linalg_retries: int = 0  # factorisations that needed the float64 retry (or failed)
+
+
+def _check(condition: bool, setting: str, value: object, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"{setting}: got {value!r}; allowed: {allowed}")
+
+
+class KFAC(torch.optim.Optimizer):
+    """K-FAC with Kronecker-factored Linear/Conv2d blocks; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: float = 1.0e-3,
+        damping_mode: DampingMode | str = DampingMode.EIGEN,
+        fisher: FisherType | str = FisherType.MC,
+        ema_max: float = 0.95,
+        cov_period: int = 10,
+        inv_period: int = 100,
+        stats_fraction: float = 1.0,
+        kl_clip: float | None = 1.0e-2,
+        adaptive_damping: bool = False,
+        damping_period: int = 5,
+        damping_decay: float = 0.95,
+        seed: int | None = None,
+    ) -> None:
+        _check(lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
+        _check(0 <= momentum < 1, "momentum", momentum, "0 <= momentum < 1")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
+        _check(0 < damping < math.inf, "damping", damping, "a finite number > 0")
+        _check(0 <= ema_max < 1, "ema_max", ema_max, "0 <= ema_max < 1")
+        _check(int(cov_period) >= 1, "cov_period", cov_period, "an integer >= 1")
+        _check(int(inv_period) >= 1, "inv_period", inv_period, "an integer >= 1")
+        _check(0 < stats_fraction <= 1, "stats_fraction", stats_fraction, "0 < fraction <= 1")
+        _check(kl_clip is None or kl_clip > 0, "kl_clip", kl_clip, "a number > 0 or null (off)")
+        _check(int(damping_period) >= 1, "damping_period", damping_period, "an integer >= 1")
+        _check(0 < damping_decay < 1, "damping_decay", damping_decay, "0 < damping_decay < 1")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("KFAC: the model has no trainable parameters")
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "damping": damping,
+            "kl_clip": kl_clip,
+        }
+        super().__init__(params, defaults)
+        self.damping_mode = parse_enum(DampingMode, damping_mode, setting="damping_mode")
+        self.fisher = parse_enum(FisherType, fisher, setting="fisher")
+        self.ema_max = float(ema_max)
+        self.cov_period = int(cov_period)
+        self.inv_period = int(inv_period)
+        self.stats_fraction = float(stats_fraction)
+        self.adaptive_damping = bool(adaptive_damping)
+        self.damping_period = int(damping_period)
+        self.damping_decay = float(damping_decay)
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.counters = KFACCounters()
+
+        self.blocks: list[KFACBlock] = []
+        for module in model.modules():
+            block = make_block(module)
+            if block is not None:
+                self.blocks.append(block)
+        in_blocks = {id(p) for block in self.blocks for p in block.params}
+        self.plain_params: list[Tensor] = [p for p in params if id(p) not in in_blocks]
+        self._hooks = [
+            block.module.register_forward_hook(partial(self._forward_hook, index))
+            for index, block in enumerate(self.blocks)
+        ]
+        self._capturing = False
+        self._outputs: dict[int, tuple[Tensor, int]] = {}
+        self._mc_done = False
+        self._loss_before: Tensor | None = None
+        self._generator: torch.Generator | None = None
+        self._pending_generator: tuple[str, Tensor] | None = None
+        self.last_nu: Tensor | None = None
+        self.last_rho: float | None = None
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def damping(self) -> float:
+        """Current damping λ (param_groups[0]['damping'])."""
+        return float(self.param_groups[0]["damping"])
+
+    @property
+    def is_stats_step(self) -> bool:
+        """Whether the coming step updates the curvature statistics."""
+        return self.counters.steps % self.cov_period == 0
+
+    @property
+    def is_inverse_step(self) -> bool:
+        """Whether the coming step refreshes the damped inverses."""
+        return self.counters.steps % self.inv_period == 0
+
+    @property
+    def is_damping_step(self) -> bool:
+        """Whether the coming step adapts the damping (adaptive damping only)."""
+        return self.adaptive_damping and self.counters.steps % self.damping_period == 0
+
+    def stats_rows(self, batch: int) -> int:
+        """Number of leading examples whose statistics are used: ⌈stats_fraction·B⌉."""
+        return min(batch, max(1, math.ceil(round(self.stats_fraction * batch, 6))))
+
+    def describe(self) -> str:
+        """One line: blocks, plain parameters and the curvature settings."""
+        kinds: dict[str, int] = {}
+        for block in self.blocks:
+            kinds[block.kind] = kinds.get(block.kind, 0) + 1
+        layers = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"
+        return (
+            f"K-FAC: blocks {layers}; {len(self.plain_params)} plain parameter tensors; "
+            f"fisher={self.fisher.value}, damping={self.damping_mode.value} λ={self.damping:g}"
+            f"{' (adaptive)' if self.adaptive_damping else ''}, T_cov={self.cov_period}, "
+            f"T_inv={self.inv_period}, stats_fraction={self.stats_fraction:g}"
+        )
+
+    # ----------------------------------------------------------------- capture
+    @contextmanager
+    def capture(self) -> Iterator[None]:
+        """Record layer inputs/outputs of the forward pass inside, on statistics steps only."""
+        self._outputs = {}
+        self._mc_done = False
+        self._loss_before = None
+        if not self.is_stats_step:
+            yield
+            return
+        for block in self.blocks:
+            block.clear_stats()
+        self._capturing = True
+        try:
+            yield
+        finally:
+            self._capturing = False
+
+    def _forward_hook(self, index: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
+        if not self._capturing:
+            return
+        if index in self._outputs:
+            raise RuntimeError(
+                "KFAC.capture: a layer ran twice in one captured forward; run the model once "
+                "inside `with optimizer.capture():` (shared layers are not supported)"
+            )
+        if not output.requires_grad:
+            raise RuntimeError(
+                "KFAC.capture: the layer output does not require gradients; do not run the "
+                "captured forward under torch.no_grad()"
+            )
+        block = self.blocks[index]
+        x = inputs[0]
+        batch = int(x.shape[0])
+        rows = self.stats_rows(batch)
+        block.save_input(x, rows=rows)
+        block.save_output(output)
+        self._outputs[index] = (output, output._version)
+        if self.fisher is FisherType.EMPIRICAL:
+            output.register_hook(partial(self._empirical_hook, block, rows, float(batch)))
+
+    @staticmethod
+    def _empirical_hook(block: KFACBlock, rows: int, batch: float, grad: Tensor) -> None:
+        block.save_output_grad(grad, rows=rows, scale=batch)
+
+    def _mc_generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generator
+        if gen is not None and gen.device == device:
+            return gen
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self.seed)
+        if self._pending_generator is not None:
+            saved_device, state = self._pending_generator
+            if torch.device(saved_device).type == device.type:
+                gen.set_state(state)
+            else:
+                warnings.warn(
+                    f"KFAC: MC sampling state saved on {saved_device} cannot be restored on "
+                    f"{device}; sampling restarts from seed {self.seed}",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self._pending_generator = None
+        self._generator = gen
+        return gen
+
+    def fisher_backward(
+        self, output: Tensor, *, likelihood: Likelihood | str, target: Tensor
+    ) -> None:
+        """MC Fisher pass on statistics steps: sampled targets back-propagated to layer outputs.
+
+        No parameter gradient is computed. Empirical Fisher: nothing to do here. With adaptive
+        damping it also records the batch loss before the update on damping steps.
+        """
+        lik = parse_enum(Likelihood, likelihood, setting="likelihood")
+        if self.is_damping_step:
+            with torch.no_grad():
+                self._loss_before = lik.nll(output.detach(), target).detach()
+        if self.fisher is FisherType.EMPIRICAL or not self.is_stats_step or not self.blocks:
+            return
+        if not self._outputs:
+            raise RuntimeError(
+                "KFAC.fisher_backward: nothing was captured on this statistics step; run the "
+                "forward inside `with optimizer.capture():`"
+            )
+        if self._mc_done:
+            raise RuntimeError("KFAC.fisher_backward: called twice in one step")
+        rows = self.stats_rows(int(output.shape[0]))
+        head = output[:rows]
+        sampled = lik.sample(head.detach(), generator=self._mc_generator(output.device))
+        sampled_loss = lik.per_example_nll(head, sampled).sum()
+        indices = list(self._outputs)
+        tensors = []
+        for index in indices:
+            tensor, version = self._outputs[index]
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"KFAC.fisher_backward: the output of layer {index} was modified in place "
+                    "after the layer ran; use out-of-place activations after K-FAC layers"
+                )
+            tensors.append(tensor)
+        grads = torch.autograd.grad(sampled_loss, tensors, retain_graph=True, allow_unused=True)
+        for index, grad in zip(indices, grads, strict=True):
+            if grad is not None:
+                self.blocks[index].save_output_grad(grad, rows=rows, scale=1.0)
+        self._mc_done = True
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks from the model (the optimizer cannot capture afterwards)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ----------------------------------------------------------------- curvature stages
+    def _check_captured(self) -> None:
+        if not self.blocks:
+            return
+        if not self._outputs:
+            raise RuntimeError(
+                f"KFAC.step: step {self.counters.steps} is a statistics step (cov_period="
+                f"{self.cov_period}) but nothing was captured; run the forward inside "
+                "`with optimizer.capture():`"
+            )
+        if all(self.blocks[i].g is None for i in self._outputs):
+            how = (
+                "call optimizer.fisher_backward(output, likelihood=..., target=...) before step()"
+                if self.fisher is FisherType.MC
+                else "call loss.backward() on the batch-mean loss before step()"
+            )
+            raise RuntimeError(f"KFAC.step: no output gradients were captured; {how}")
+
+    def update_statistics(self) -> None:
+        """Fold the captured statistics into the running factors (ε_k schedule per block)."""
+        bad = []
+        for index, block in enumerate(self.blocks):
+            if block.a is None or block.g is None:
+                continue
+            if not block.update_factors(decay=ema_decay(block.num_updates, self.ema_max)):
+                bad.append(index)
+        if bad:
+            self.counters.nonfinite_stats += len(bad)
+            warnings.warn(
+                f"KFAC: non-finite statistics at step {self.counters.steps} in blocks {bad}; "
+                "their factors were left unchanged",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.counters.stats_updates += 1
+
+    def update_inverses(self) -> None:
+        """Recompute every block's damped inverse from its current factors."""
+        retries = 0
+        for block in self.blocks:
+            if block.num_updates > 0:
+                retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
+        self._note_retries(retries)
+        self.counters.inverse_updates += 1
+
+    def refresh_damping(self) -> None:
+        """Apply a changed λ to the current inverses (called by adaptive damping)."""
+        retries = 0
+        for block in self.blocks:
+            if block.has_inverse:
+                retries += block.set_damping(self.damping)
+        self._note_retries(retries)
+
+    def _note_retries(self, retries: int) -> None:
+        if retries:
+            self.counters.linalg_retries += retries
+            warnings.warn(
+                f"KFAC: {retries} factorisation(s) failed at step {self.counters.steps} and were "
+                "retried in float64 with jitter",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
+        """Per-block update matrices from per-block gradient matrices: Δ_i = K_i^-1 ∇_i.
+
+        Blocks without statistics yet pass their gradient through unchanged.
+        """
+        return [
+            block.multiply_inverse(grad) if block.has_inverse else grad
+            for block, grad in zip(self.blocks, grads, strict=True)
+        ]
+
+    # ----------------------------------------------------------------- step
+    def _kl_scale(self, updates: list[Tensor], grads: list[Tensor], lr: float) -> Tensor | None:
+        kl_clip = self.param_groups[0]["kl_clip"]
+        if kl_clip is None or not updates:
+            return None
+        vg = torch.stack([(u * g).sum() for u, g in zip(updates, grads, strict=True)]).sum()
+        vg = vg * (lr * lr)
+        ratio = kl_clip / torch.where(vg > 0, vg, torch.ones_like(vg))
+        nu = torch.where(vg > 0, torch.sqrt(ratio), torch.ones_like(vg)).clamp(max=1.0)
+        self.last_nu = nu
+        return nu
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One K-FAC step; returns the closure's loss after the update on damping steps."""
+        if self.is_stats_step:
+            self._check_captured()
+            self.update_statistics()
+        self._outputs = {}
+        if self.is_inverse_step or any(
+            b.num_updates > 0 and not b.has_inverse for b in self.blocks
+        ):
+            self.update_inverses()
+        adapt = self.is_damping_step
+        if adapt and closure is None:
+            raise ValueError("adaptive_damping: step() needs a closure that returns the batch loss")
+        loss_before = self._loss_before
+        if adapt and loss_before is None:
+            assert closure is not None
+            with torch.no_grad():
+                loss_before = torch.as_tensor(closure()).detach()
+        group = self.param_groups[0]
+        lr, momentum, wd = float(group["lr"]), float(group["momentum"]), group["weight_decay"]
+        with torch.no_grad():
+            grads = [block.grad_matrix() for block in self.blocks]
+            updates = self.precondition(grads)
+            nu = self._kl_scale(updates, grads, lr)
+            directions: list[tuple[Tensor, Tensor]] = []
+            for block, update in zip(self.blocks, updates, strict=True):
+                scaled = update if nu is None else update * nu.to(update.dtype)
+                directions.extend(zip(block.params, block.matrix_to_param_updates(scaled)))
+            directions.extend((p, p.grad) for p in self.plain_params if p.grad is not None)
+            model_terms = self._model_terms(directions, grads, lr, momentum, wd) if adapt else None
+            self._apply(directions, lr=lr, momentum=momentum, weight_decay=float(wd))
+        result = None
+        if adapt and closure is not None and model_terms is not None:
+            assert loss_before is not None
+            with torch.no_grad():
+                loss_after = torch.as_tensor(closure()).detach()
+            self._adapt_damping(float(loss_before), float(loss_after), model_terms, float(wd))
+            result = loss_after
+        self._loss_before = None
+        self.counters.steps += 1
+        return result
+
+    def _step_of(self, param: Tensor, direction: Tensor, wd: float, momentum: float) -> Tensor:
+        """The vector η multiplies: d = direction + wd·θ through momentum (no side effects)."""
+        d = direction + wd * param if wd else direction
+        buf = self.state[param].get("momentum_buffer") if momentum else None
+        return d if buf is None else buf * momentum + d
+
+    def _apply(
+        self,
+        directions: list[tuple[Tensor, Tensor]],
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+    ) -> None:
+        for param, direction in directions:
+            d = direction.add(param, alpha=weight_decay) if weight_decay else direction
+            if momentum:
+                state = self.state[param]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = d.detach().clone()
+                    state["momentum_buffer"] = buf
+                else:
+                    buf.mul_(momentum).add_(d)
+                d = buf
+            param.add_(d, alpha=-lr)
+
+    # ----------------------------------------------------------------- adaptive damping
+    def _model_terms(
+        self,
+        directions: list[tuple[Tensor, Tensor]],
+        grads: list[Tensor],
+        lr: float,
+        momentum: float,
+        wd: float,
+    ) -> dict[str, float]:
+        """Pieces of M(δ) for the step δ = −η·(buffer) about to be taken (float64 scalars)."""
+        deltas = {id(p): -lr * self._step_of(p, d, wd, momentum) for p, d in directions}
+        linear, square, weight_dot, curvature = 0.0, 0.0, 0.0, 0.0
+        for block, grad in zip(self.blocks, grads, strict=True):
+            if not all(id(p) in deltas for p in block.params):
+                continue
+            mat = block.params_to_matrix([deltas[id(p)] for p in block.params])
+            linear += float((grad.double() * mat.double()).sum())
+            if block.num_updates > 0:
+                curvature += float((mat.double() * block.multiply_factors(mat).double()).sum())
+        for param in self.plain_params:
+            if id(param) in deltas and param.grad is not None:
+                linear += float((param.grad.double() * deltas[id(param)].double()).sum())
+        for param, _ in directions:
+            delta = deltas[id(param)].double()
+            square += float((delta * delta).sum())
+            weight_dot += float((param.double() * delta).sum())
+        return {"linear": linear, "curvature": curvature, "square": square, "dot": weight_dot}
+
+    def _adapt_damping(
+        self, loss_before: float, loss_after: float, terms: dict[str, float], wd: float
+    ) -> None:
+        """Levenberg–Marquardt rule on ρ = actual / predicted change of h."""
+        lam = self.damping
+        wd_change = wd * (terms["dot"] + 0.5 * terms["square"])
+        predicted = (
+            terms["linear"] + 0.5 * terms["curvature"] + 0.5 * lam * terms["square"] + wd_change
+        )
+        actual = loss_after - loss_before + wd_change
+        rho = actual / predicted if predicted < 0 and math.isfinite(actual) else -math.inf
+        omega = self.damping_decay**self.damping_period
+        new = lam
+        if rho < RHO_LOW:
+            new = lam / omega
+        elif rho > RHO_HIGH:
+            new = lam * omega
+        new = min(max(new, DAMPING_MIN), DAMPING_MAX)
+        self.last_rho = rho
+        self.counters.damping_updates += 1
+        if new != lam:
+            for group in self.param_groups:
+                group["damping"] = new
+            self.refresh_damping()
+
+    # ----------------------------------------------------------------- state
+    def curvature_state_dict(self) -> dict[str, Any]:
+        """Counters, block factors and inverses, and the MC sampling state."""
+        if self._generator is not None:
+            gen_device: str | None = str(self._generator.device)
+            gen_state: Tensor | None = self._generator.get_state()
+        elif self._pending_generator is not None:
+            gen_device, gen_state = self._pending_generator
+        else:
+            gen_device, gen_state = None, None
+        return {
+            "counters": asdict(self.counters),
+            "blocks": [block.state_dict() for block in self.blocks],
+            "generator": {"seed": self.seed, "device": gen_device, "state": gen_state},
+            "settings": {"damping_mode": self.damping_mode.value, "fisher": self.fisher.value},
+        }
+
+    def load_curvature_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `curvature_state_dict` saved."""
+        if len(state["blocks"]) != len(self.blocks):
+            raise ValueError(
+                f"K-FAC state: {len(state['blocks'])} curvature blocks saved, the model has "
+                f"{len(self.blocks)}"
+            )
+        for block, block_state in zip(self.blocks, state["blocks"], strict=True):
+            block.load_state_dict(block_state)
+        names = {f.name for f in fields(KFACCounters)}
+        self.counters = KFACCounters(
+            **{k: int(v) for k, v in state["counters"].items() if k in names}
+        )
+        gen = state["generator"]
+        self.seed = int(gen["seed"])
+        self._generator = None
+        self._pending_generator = (
+            None if gen["state"] is None else (str(gen["device"]), gen["state"].clone())
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim state (momentum buffers, param_groups) plus the curvature state."""
+        state = super().state_dict()
+        state["curvature"] = self.curvature_state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of `state_dict`; continuing afterwards repeats the original run exactly."""
+        state = dict(state_dict)
+        curvature = state.pop("curvature", None)
+        super().load_state_dict(state)
+        if curvature is not None:
+            self.load_curvature_state_dict(curvature)
+
+    # ----------------------------------------------------------------- diagnostics
+    def diagnostics(self) -> dict[str, float]:
+        """Scalars worth logging: damping, last KL scale ν and ρ, incident counters."""
+        out = {
+            "damping": self.damping,
+            "nonfinite_stats": float(self.counters.nonfinite_stats),
+            "linalg_retries": float(self.counters.linalg_retries),
+        }
+        if self.last_nu is not None:
+            out["kl_nu"] = float(self.last_nu)
+        if self.last_rho is not None:
+            out["rho"] = self.last_rho
+        return out
+
+
+def kfac_kwargs(cfg: Any) -> dict[str, Any]:
+    """KFAC keyword arguments from a KFACConfig (or a DictConfig with its fields)."""
+    names = [f.name for f in fields(KFACConfig) if f.name != "name"]
+    return {name: getattr(cfg, name) for name in names}
+
+
+def build_kfac(model: nn.Module, cfg: KFACConfig) -> KFAC:
+    """K-FAC over ``model`` with the settings of ``cfg``."""
+    kwargs = kfac_kwargs(cfg)
+    kwargs["damping_mode"] = parse_enum(DampingMode, kwargs["damping_mode"], setting="damping_mode")
+    kwargs["fisher"] = parse_enum(FisherType, kwargs["fisher"], setting="fisher")
+    return KFAC(model, **kwargs)
