@@ -1,0 +1,121 @@
+"""CLI: ``python -m analyze [--results DIR ...] [--out DIR] ...`` builds figures, tables, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+from analyze.aggregate import Axis, Band, LossKind
+from analyze.build import BuildOptions, build_all
+from analyze.stats import N_BOOTSTRAP
+
+
+def _enum_list(kind: type[Enum], option: str, text: str) -> tuple[Enum, ...]:
+    allowed = [m.value for m in kind]  # type: ignore[var-annotated]
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"{option}: unknown {', '.join(bad) or '(empty)'}; allowed: {', '.join(allowed)}"
+        )
+    return tuple(kind(item) for item in dict.fromkeys(items))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The CLI's argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m analyze",
+        description="Build figures, tables and the reproduction report from run folders.",
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=None,
+        help="results folders to scan for run folders (default: results)",
+    )
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
+    p.add_argument(
+        "--benchmark",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="only these benchmarks (model or experiment names)",
+    )
+    p.add_argument(
+        "--optimizer",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="only these optimizers (preset or family names)",
+    )
+    p.add_argument("--sweep", default=None, help="only runs of this sweep_id")
+    p.add_argument(
+        "--axes",
+        type=lambda t: _enum_list(Axis, "--axes", t),
+        default=(Axis.EPOCH, Axis.STEP, Axis.WALL),
+        help="x-axes, comma-separated from epoch,step,wall",
+    )
+    p.add_argument(
+        "--band",
+        type=Band,
+        choices=list(Band),
+        default=Band.CI95,
+        help="shaded band: ci95 (95 %% t-CI of the mean) or minmax over seeds",
+    )
+    p.add_argument(
+        "--loss",
+        type=LossKind,
+        choices=list(LossKind),
+        default=LossKind.SUM,
+        help="losses summed over outputs (sum) or per-output mean (per_output)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=N_BOOTSTRAP,
+        help="bootstrap resamples for time-to-target CIs",
+    )
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = parser().parse_args(argv)
+    if args.bootstrap < 1:
+        print("--bootstrap: must be a positive integer", file=sys.stderr)
+        return 2
+    options = BuildOptions(
+        results=tuple(args.results or [Path("results")]),
+        out=args.out,
+        benchmarks=tuple(args.benchmark),
+        optimizers=tuple(args.optimizer),
+        sweep=args.sweep,
+        axes=args.axes,
+        band=args.band,
+        loss_kind=args.loss,
+        n_bootstrap=args.bootstrap,
+    )
+    try:
+        output = build_all(options)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    runs = output.results.runs
+    print(f"loaded {len(runs)} runs, {int(runs['usable'].sum())} averaged")
+    if output.skipped:
+        print(f"skipped {len(output.skipped)} runs (not averaged):")
+        for skipped in output.skipped:
+            print(f"  {skipped.run_id} [{skipped.status}] {skipped.reason}  ({skipped.path})")
+    print(f"wrote {len(output.files)} files:")
+    for path in output.files:
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
