@@ -1,0 +1,27 @@
+"""Structured config of the data settings (`data.*` in conf/config.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class DataSource(str, Enum):
+    """Where a dataset comes from; ``auto`` tries folder, system, download, offline in order."""
+
+    auto = "auto"
+    folder = "folder"  # the data folder (``data.root``)
+    system = "system"  # a copy installed system-wide (Debian's dataset-fashion-mnist)
+    download = "download"  # torchvision's download into ``data.root`` (needs a network)
+    offline = "offline"  # a stand-in shipped with the environment: subset or labelled surrogate
+
+
+@dataclass
+class DataConfig:
+    """How datasets are found, split and subset; every choice shows in the bundle's variant."""
+
+    source: DataSource = DataSource.auto
+    root: str = "data"  # the data folder
+    val_fraction: float = 0.0  # deterministic held-out part of the training set
+    max_train: int | None = None  # explicit training subset; the variant gets "-sub<N>"
+    data_seed: int | None = 0  # seed of generated data, splits and subsets (None: the run seed)
