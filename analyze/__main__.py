@@ -62,16 +62,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--band",
-        type=Band,
-        choices=list(Band),
-        default=Band.CI95,
+        choices=[b.value for b in Band],
+        default=Band.CI95.value,
         help="shaded band: ci95 (95 %% t-CI of the mean) or minmax over seeds",
     )
     p.add_argument(
         "--loss",
-        type=LossKind,
-        choices=list(LossKind),
-        default=LossKind.SUM,
+        choices=[k.value for k in LossKind],
+        default=LossKind.SUM.value,
         help="losses summed over outputs (sum) or per-output mean (per_output)",
     )
     p.add_argument(
@@ -96,8 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         optimizers=tuple(args.optimizer),
         sweep=args.sweep,
         axes=args.axes,
-        band=args.band,
-        loss_kind=args.loss,
+        band=Band(args.band),
+        loss_kind=LossKind(args.loss),
         n_bootstrap=args.bootstrap,
     )
     try:

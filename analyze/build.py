@@ -133,6 +133,7 @@ def build_all(options: BuildOptions) -> BuildOutput:
             profile_figure=profile_figure,
             band=options.band,
             loss_kind=options.loss_kind,
+            n_bootstrap=options.n_bootstrap,
         ),
         out,
     )

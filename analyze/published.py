@@ -26,8 +26,8 @@ class PublishedResult:
     """One setting's published final train losses (per optimizer) and K-FAC wall-clock."""
 
     setting: str
-    models: tuple[str, ...]  # our model names this setting corresponds to
-    variants: tuple[str, ...]  # our data variants that match their data (others: not comparable)
+    models: tuple[str, ...]  # our model preset names for this setting (extend when adding presets)
+    variants: tuple[str, ...]  # datasets' `variant` of their data (others: not comparable)
     batch_size: int
     epochs: int | None
     kfac: float
@@ -46,7 +46,7 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     PublishedResult(
         setting="CURVES autoencoder",
         models=("curves_ae",),
-        variants=("curves-full", "curves", "curves-real"),
+        variants=("curves-full",),
         batch_size=256,
         epochs=500,
         kfac=0.0706,
@@ -72,7 +72,7 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     PublishedResult(
         setting="FACES autoencoder",
         models=("faces_ae",),
-        variants=("faces-full", "faces", "faces-real"),
+        variants=("faces-full",),
         batch_size=1024,
         epochs=300,
         kfac=0.0171,
@@ -84,8 +84,8 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     ),
     PublishedResult(
         setting="64-layer linear+BN, Fashion-MNIST",
-        models=("deep_linear", "deep_linear_bn", "linear_bn"),
-        variants=("fashion-mnist-full", "fashion-mnist"),
+        models=("deep_linear_fmnist", "deep_linear64_fmnist", "deep_linear_bn_fmnist"),
+        variants=("fmnist-full",),
         batch_size=512,
         epochs=None,
         kfac=0.541,
@@ -97,8 +97,8 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     ),
     PublishedResult(
         setting="cuda-convnet CIFAR-10",
-        models=("cuda_convnet", "convnet"),
-        variants=("cifar10-full", "cifar10"),
+        models=("cuda_convnet", "cuda_convnet_cifar10"),
+        variants=("cifar10-full",),
         batch_size=256,
         epochs=None,
         kfac=0.465,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -14,6 +15,7 @@ from analyze.aggregate import Band, LossKind, group_runs, groups_of
 from analyze.load import FIRST_ORDER_FAMILIES, KFAC_FAMILY, TWO_LEVEL_FAMILY, ResultsSet
 from analyze.published import CAVEATS, SOURCE, TENSORFLOW_KFAC_NOTE, published_for
 from analyze.stats import N_BOOTSTRAP, PairedResult, Verdict
+from analyze.style import LOSS_NOTE
 from analyze.tables import Table, fmt, fmt_mean_std, profile_note
 
 REPORT_FILE = "report.md"
@@ -35,6 +37,7 @@ class ReportInputs:
     profile_figure: str | None
     band: Band
     loss_kind: LossKind
+    n_bootstrap: int = N_BOOTSTRAP
 
 
 def verdict_sentence(result: PairedResult, *, two_level: str, kfac: str, metric: str) -> str:
@@ -67,6 +70,17 @@ def verdict_sentence(result: PairedResult, *, two_level: str, kfac: str, metric:
     return (
         f"{two_level} vs {kfac} on `{metric}`: **{winner}** ({direction} loss, p < 0.05); "
         f"{size}; {test}."
+    )
+
+
+def _verdict_line(row: Any) -> str:
+    """A verdict sentence with the diverged-run counts of both optimizers."""
+    sentence = verdict_sentence(
+        row.result, two_level=row.two_level, kfac=row.kfac, metric=row.metric
+    )
+    return (
+        f"{sentence} Diverged runs (not in the test): {row.two_level} {row.two_level_diverged}, "
+        f"{row.kfac} {row.kfac_diverged}."
     )
 
 
@@ -149,6 +163,7 @@ def render_report(inputs: ReportInputs) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(status_counts.items()))
         + ".",
         f"Code versions: {', '.join(f'`{v}`' for v in versions) or 'unknown'}.",
+        f"Figures and the first tables show {LOSS_NOTE[inputs.loss_kind.value]}.",
         "",
         "Question (REFERENCE §1): does the coarse-space correction of two-level K-FAC lower the "
         "loss reached by K-FAC? Each answer below is a paired comparison over seeds with its "
@@ -161,13 +176,7 @@ def render_report(inputs: ReportInputs) -> str:
     if paired.empty:
         out.append("No benchmark has both a K-FAC and a two-level run family.\n")
     else:
-        out.extend(
-            f"- **{row.problem}**: "
-            + verdict_sentence(
-                row.result, two_level=row.two_level, kfac=row.kfac, metric=row.metric
-            )
-            for row in paired.itertuples()
-        )
+        out.extend(f"- **{row.problem}**: {_verdict_line(row)}" for row in paired.itertuples())
         out.append("")
     if inputs.main_figure:
         out.extend(
@@ -196,12 +205,7 @@ def render_report(inputs: ReportInputs) -> str:
         if not rows.empty:
             out.append("Two-level vs K-FAC:")
             out.append("")
-            out.extend(
-                "- "
-                + verdict_sentence(r.result, two_level=r.two_level, kfac=r.kfac, metric=r.metric)
-                + f" Diverged runs: two-level {r.two_level_diverged}, K-FAC {r.kfac_diverged}."
-                for r in rows.itertuples()
-            )
+            out.extend(f"- {_verdict_line(r)}" for r in rows.itertuples())
             out.append("")
         out.append(_rows_for(inputs.targets, benchmark, others=others).to_markdown())
         out.append(published_comparison(results, benchmark=benchmark))
@@ -230,7 +234,7 @@ def render_report(inputs: ReportInputs) -> str:
             "per (benchmark, data variant).",
             "- Time-to-target: target = mean final train loss of the strongest sgd/adam baseline; "
             "time read off the seed-mean curve; percentile bootstrap CIs over seeds "
-            f"({N_BOOTSTRAP} resamples).",
+            f"({inputs.n_bootstrap} resamples).",
             "- Two-level vs K-FAC: difference paired by seed; two-sided paired t-test "
             "(scipy.stats.ttest_rel); p ≥ 0.05 is reported as no significant difference.",
             f"- Published numbers: {SOURCE}.",

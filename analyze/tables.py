@@ -67,7 +67,8 @@ class Table:
             for row in self.text.itertuples(index=False):
                 cells = [str(v).replace("|", "\\|") for v in row]
                 lines.append("| " + " | ".join(cells) + " |")
-        lines.extend(["", *(f"{note}" for note in self.notes)])
+        for note in self.notes:
+            lines.extend(["", note])
         return "\n".join(lines).rstrip() + "\n"
 
     def to_latex(self) -> str:
@@ -246,6 +247,7 @@ class TargetAnalysis:
     problems: pd.DataFrame
     wall_times: pd.DataFrame  # problems × group labels (inf: not reached)
     epoch_times: pd.DataFrame
+    n_bootstrap: int
 
 
 def time_to_target_analysis(
@@ -319,6 +321,7 @@ def time_to_target_analysis(
         problems=pd.DataFrame(problem_rows, columns=["problem", "target", "baseline", "note"]),
         wall_times=pd.DataFrame(wall_times).T,
         epoch_times=pd.DataFrame(epoch_times).T,
+        n_bootstrap=n_bootstrap,
     )
 
 
@@ -343,7 +346,7 @@ def time_to_target_table(analysis: TargetAnalysis, *, loss_kind: LossKind) -> Ta
         "(sgd/adam with the lowest such mean) on the same benchmark and data variant. Time is "
         "read off the seed-mean curve at the first evaluation at or below the target (∞: never). "
         "Speed-up = baseline time / optimizer time (> 1: faster). CIs: percentile bootstrap "
-        f"over seeds, {N_BOOTSTRAP} resamples, target re-estimated in each.",
+        f"over seeds, {analysis.n_bootstrap} resamples, target re-estimated in each.",
     ]
     notes.extend(f"{row.problem}: {row.note}" for row in analysis.problems.itertuples() if row.note)
     return Table(

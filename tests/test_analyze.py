@@ -504,3 +504,51 @@ def test_build_filters_and_bad_options(
     with pytest.raises(SystemExit):
         main(["--axes", "epoch,time"])
     assert "--axes: unknown time; allowed: epoch, step, wall" in capsys.readouterr().err
+
+
+def test_duplicates_settings_and_non_finite_runs(tmp_path: Path) -> None:
+    key = ("mnist_ae", "mnist-full", "kfac", "kfac")
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    first, second = tmp_path / "a", tmp_path / "b"
+    old = write_run(
+        first, "old", key=key, seed=0, status="completed", train=loss_curve(50, epochs), wall=epochs
+    )
+    summary = old.read_summary()
+    old.write_summary({**summary, "finished_at": "2023-01-01T00:00:00+00:00"})
+    write_run(
+        first, "new", key=key, seed=0, status="completed", train=loss_curve(40, epochs), wall=epochs
+    )
+    write_run(
+        second,
+        "new",
+        key=key,
+        seed=1,
+        status="completed",
+        train=loss_curve(45, epochs),
+        wall=epochs,
+    )
+    other = write_run(
+        first,
+        "other_lr",
+        key=key,
+        seed=0,
+        status="completed",
+        train=loss_curve(30, epochs),
+        wall=epochs,
+    )
+    other.write_summary({**other.read_summary(), "hyperparameters": {"lr": 0.1, "damping": 0.001}})
+    nan_curve = loss_curve(45, epochs)
+    nan_curve[-1] = np.nan
+    write_run(first, "nan_final", key=key, seed=2, status="completed", train=nan_curve, wall=epochs)
+
+    results = load_results([first, second, first])  # a root given twice is read once
+    skipped = {s.run_id: s.reason for s in results.skipped()}
+    assert skipped["old"] == "superseded: a later completed run has the same seed"
+    assert skipped[f"new@{second / 'new'}"].startswith("duplicate run_id new")
+    assert skipped["nan_final"] == "completed but the final train loss is not finite"
+    assert sorted(results.usable_runs()["run_id"]) == ["new", "other_lr"]
+    table = final_loss_table(results).numbers
+    # two learning rates are two groups, labelled by the setting that differs
+    assert sorted(table["label"]) == ["kfac · lr=0.01", "kfac · lr=0.1"]
+    row = table.set_index("label").loc["kfac · lr=0.01"]
+    assert row["n_seeds"] == 1 and row["final_train_loss_mean"] == pytest.approx(40.0)
