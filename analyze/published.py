@@ -84,7 +84,7 @@ PUBLISHED: tuple[PublishedResult, ...] = (
     ),
     PublishedResult(
         setting="64-layer linear+BN, Fashion-MNIST",
-        models=("deep_linear_fmnist", "deep_linear64_fmnist", "deep_linear_bn_fmnist"),
+        models=("fmnist_deep_linear",),
         variants=("fmnist-full",),
         batch_size=512,
         epochs=None,
