@@ -55,7 +55,7 @@ def file_stem(name: str) -> str:
 
 def build_all(options: BuildOptions) -> BuildOutput:
     """Load, filter, and write figures, tables, ``runs.csv`` and ``report.md`` into ``out``."""
-    results = load_results(options.results).filter(
+    results = load_results(options.results, with_steps=False).filter(
         benchmarks=options.benchmarks or None,
         optimizers=options.optimizers or None,
         sweep=options.sweep,

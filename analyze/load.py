@@ -135,8 +135,11 @@ def _check_known(option: str, names: Iterable[str], known: set[str]) -> None:
         )
 
 
-def load_results(roots: Sequence[Path | str]) -> ResultsSet:
-    """Load every run folder below ``roots`` into a ``ResultsSet``; a missing root raises."""
+def load_results(roots: Sequence[Path | str], *, with_steps: bool = True) -> ResultsSet:
+    """Load every run folder below ``roots`` into a ``ResultsSet``; a missing root raises.
+
+    ``with_steps`` False leaves ``steps`` empty (figures and tables use evaluations only).
+    """
     rows: list[dict[str, Any]] = []
     evals: list[pd.DataFrame] = []
     steps: list[pd.DataFrame] = []
@@ -161,7 +164,7 @@ def load_results(roots: Sequence[Path | str]) -> ResultsSet:
             rows.append(row)
             if run_evals is not None:
                 evals.append(_with_identity(run_evals, row))
-            if run_steps is not None:
+            if run_steps is not None and with_steps:
                 steps.append(_with_identity(run_steps, row))
     runs = _runs_frame(rows)
     _mark_superseded(runs)

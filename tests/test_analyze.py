@@ -232,6 +232,9 @@ def test_load_lists_every_run_with_its_state(written: Written, results: ResultsS
         "mnist_sgd_torn_s5",
         bad[0].run_id,
     }
+    steps = results.steps[results.steps["run_id"] == "mnist_ae_mnist-5k_kfac_s1"]
+    assert len(steps) == EPOCHS + 1 and set(steps["data_variant"]) == {"mnist-5k"}
+    assert list(steps.columns[:3]) == ["run_id", "benchmark", "data_variant"]
     assert runs.loc["mnist_ae_mnist-full_sgd_s0", "hp.lr"] == 0.01
     expected = FINALS[("mnist_ae", "mnist-full", "sgd", "sgd")][0] / OUTPUTS
     assert runs.loc["mnist_ae_mnist-full_sgd_s0", "final_train_loss_per_output"] == pytest.approx(
