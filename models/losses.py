@@ -12,17 +12,21 @@ from torch import Tensor
 class Likelihood(str, Enum):
     """Output distribution of a model; fixes both its loss and its Monte-Carlo Fisher sampler."""
 
-    BERNOULLI = "bernoulli"  # logits; BCE-with-logits summed over outputs
-    GAUSSIAN = "gaussian"  # mean with unit variance; 0.5 * ||x_hat - x||^2 summed over outputs
-    CATEGORICAL = "categorical"  # logits over classes; cross-entropy
+    bernoulli = "bernoulli"  # logits; BCE-with-logits summed over outputs
+    gaussian = "gaussian"  # mean with unit variance; 0.5 * ||x_hat - x||^2 summed over outputs
+    categorical = "categorical"  # logits over classes; cross-entropy
+    # Upper-case aliases (same members) for code written before the lower-case convention.
+    BERNOULLI = "bernoulli"
+    GAUSSIAN = "gaussian"
+    CATEGORICAL = "categorical"
 
     def per_example_nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-example negative log-likelihood, summed over all output dimensions; shape (B,)."""
         batch = output.shape[0]
-        if self is Likelihood.BERNOULLI:
+        if self is Likelihood.bernoulli:
             nll = F.binary_cross_entropy_with_logits(output, target, reduction="none")
             return nll.reshape(batch, -1).sum(dim=1)
-        if self is Likelihood.GAUSSIAN:
+        if self is Likelihood.gaussian:
             return 0.5 * (output - target).pow(2).reshape(batch, -1).sum(dim=1)
         return F.cross_entropy(output, target, reduction="none")
 
@@ -33,10 +37,10 @@ class Likelihood(str, Enum):
     def sample(self, output: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
         """Draw targets from the model's predictive distribution (for the MC Fisher)."""
         with torch.no_grad():
-            if self is Likelihood.BERNOULLI:
+            if self is Likelihood.bernoulli:
                 probs = torch.sigmoid(output)
                 return torch.bernoulli(probs, generator=generator)
-            if self is Likelihood.GAUSSIAN:
+            if self is Likelihood.gaussian:
                 noise = torch.randn(
                     output.shape, generator=generator, device=output.device, dtype=output.dtype
                 )
@@ -46,6 +50,6 @@ class Likelihood(str, Enum):
 
     def outputs_per_example(self, output: Tensor) -> int:
         """Number of output dimensions the per-example NLL sums over (1 for classifiers)."""
-        if self is Likelihood.CATEGORICAL:
+        if self is Likelihood.categorical:
             return 1
         return int(output[0].numel())

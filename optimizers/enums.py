@@ -11,6 +11,9 @@ class DampingMode(str, Enum):
 
     FACTORED = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces
     EIGEN = "eigen"  # exact (A ⊗ G + λ I)^-1 in the Kronecker eigenbasis
+    # Lower-case aliases: Hydra/OmegaConf look enum settings up by member name (YAML values).
+    factored = "factored"
+    eigen = "eigen"
 
 
 class FisherType(str, Enum):
@@ -18,6 +21,9 @@ class FisherType(str, Enum):
 
     MC = "mc"  # targets sampled from the model's predictive distribution (true Fisher, 1 sample)
     EMPIRICAL = "empirical"  # the data targets (empirical Fisher)
+    # Lower-case aliases: Hydra/OmegaConf look enum settings up by member name (YAML values).
+    mc = "mc"
+    empirical = "empirical"
 
 
 E = TypeVar("E", bound=Enum)

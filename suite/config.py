@@ -18,32 +18,32 @@ from omegaconf import MISSING
 class DeviceChoice(str, Enum):
     """Where to train; ``auto`` picks CUDA when present."""
 
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 class DType(str, Enum):
     """Floating-point type of model and data."""
 
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
+    float32 = "float32"
+    float64 = "float64"
 
 
 class Scale(str, Enum):
     """Scale of an experiment preset: the paper's settings or a laptop-sized version."""
 
-    FULL = "full"
-    SMALL = "small"
+    full = "full"
+    small = "small"
 
 
 class WandbMode(str, Enum):
     """W&B mode; ``auto`` = online when an account is configured, else offline."""
 
-    AUTO = "auto"
-    ONLINE = "online"
-    OFFLINE = "offline"
-    DISABLED = "disabled"
+    auto = "auto"
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -56,8 +56,8 @@ class TrainerConfig:
     eval_every_steps: int | None = None  # None: evaluate once per epoch
     eval_batch_size: int = 10000
     seed: int = 0
-    device: DeviceChoice = DeviceChoice.AUTO
-    dtype: DType = DType.FLOAT32
+    device: DeviceChoice = DeviceChoice.auto
+    dtype: DType = DType.float32
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
@@ -76,7 +76,7 @@ class LoggerConfig:
     backend: str = "none"  # wandb | none
     project: str = "two-level-kfac"
     entity: str | None = None
-    mode: WandbMode = WandbMode.AUTO
+    mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
 
 

@@ -116,13 +116,16 @@ def batch_order(num_examples: int, *, seed: int, epoch: int, device: torch.devic
     return torch.randperm(num_examples, generator=generator).to(device)
 
 
-def _target(split_x: Tensor, split_y: Tensor | None) -> Tensor:
-    return split_x.reshape(split_x.shape[0], -1) if split_y is None else split_y
+def split_targets(split: Split, *, autoencoder: bool) -> Tensor:
+    """What the loss compares the output with: the flattened input (autoencoders) or labels."""
+    if autoencoder or split.y is None:
+        return split.x.reshape(split.x.shape[0], -1)
+    return split.y
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, likelihood: Likelihood, *, batch_size: int
+    model: nn.Module, split: Split, likelihood: Likelihood, *, targets: Tensor, batch_size: int
 ) -> dict[str, float]:
     """Loss (and accuracy for classifiers) over a whole split, in eval mode."""
     was_training = model.training
@@ -130,17 +133,17 @@ def evaluate(
     total, per_output, correct, count = 0.0, 0, 0, 0
     for start in range(0, split.x.shape[0], batch_size):
         x = split.x[start : start + batch_size]
-        target = _target(x, None if split.y is None else split.y[start : start + batch_size])
+        target = targets[start : start + batch_size]
         output = model(x)
         total += float(likelihood.per_example_nll(output, target).sum())
         per_output = likelihood.outputs_per_example(output)
-        if likelihood is Likelihood.CATEGORICAL:
+        if likelihood is Likelihood.categorical:
             correct += int((output.argmax(dim=-1) == target).sum())
         count += x.shape[0]
     model.train(was_training)
     loss = total / max(count, 1)
     metrics = {"loss": loss, "loss_per_output": loss / max(per_output, 1)}
-    if likelihood is Likelihood.CATEGORICAL:
+    if likelihood is Likelihood.categorical:
         metrics["acc"] = correct / max(count, 1)
     return metrics
 
@@ -167,6 +170,12 @@ class Trainer:
         seed_everything(seed)
         data = load_dataset(str(cfg.model.dataset), cfg.data, device=self.device, seed=seed)
         self.data = _cast(data, self.dtype)
+        autoencoder = _value(cfg.model.task) == "autoencoder"
+        self.targets = {
+            name: split_targets(split, autoencoder=autoencoder)
+            for name in ("train", "val", "test")
+            if (split := getattr(self.data, name)) is not None and split.x.shape[0] > 0
+        }
         if self.data.train.x.shape[0] < cfg.trainer.batch_size:
             raise ConfigError(
                 "trainer.batch_size",
@@ -197,10 +206,7 @@ class Trainer:
         x = self.data.train.x[:2]
         try:
             with torch.no_grad():
-                output = self.model(x)
-                self.likelihood.nll(
-                    output, _target(x, None if self.data.train.y is None else self.data.train.y[:2])
-                )
+                self.likelihood.nll(self.model(x), self.targets["train"][:2])
         except (RuntimeError, ValueError, IndexError) as err:
             first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise ConfigError(
@@ -302,13 +308,12 @@ class Trainer:
             "wall_time_s": self.progress.wall_time_s,
         }
         batch = int(self.cfg.trainer.eval_batch_size)
-        for name in ("train", "val", "test"):
+        for name, targets in self.targets.items():
             split = getattr(self.data, name)
-            if split is None or split.x.shape[0] == 0:
-                continue
-            for key, value in evaluate(
-                self.model, split, self.likelihood, batch_size=batch
-            ).items():
+            metrics = evaluate(
+                self.model, split, self.likelihood, targets=targets, batch_size=batch
+            )
+            for key, value in metrics.items():
                 row[f"{name}_{key}"] = value
         if self.cfg.trainer.diagnostics and hasattr(self.optimizer, "diagnostics"):
             for key, value in self.optimizer.diagnostics().items():
@@ -442,7 +447,7 @@ class Trainer:
         cfg = self.cfg.trainer
         batch = int(cfg.batch_size)
         eval_every = cfg.eval_every_steps or self.steps_per_epoch
-        train = self.data.train
+        train, train_targets = self.data.train, self.targets["train"]
         bar = tqdm(
             total=self.total_steps,
             initial=self.progress.step,
@@ -459,8 +464,7 @@ class Trainer:
                 )
                 while p.batch_in_epoch < self.steps_per_epoch and p.step < self.total_steps:
                     idx = order[p.batch_in_epoch * batch : (p.batch_in_epoch + 1) * batch]
-                    x = train.x[idx]
-                    target = _target(x, None if train.y is None else train.y[idx])
+                    x, target = train.x[idx], train_targets[idx]
                     start = time.perf_counter()
                     loss = self._step(x, target)
                     elapsed = time.perf_counter() - start

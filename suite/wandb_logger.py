@@ -42,7 +42,7 @@ def account_configured() -> bool:
 
 def resolve_mode(mode: WandbMode) -> str:
     """The W&B mode to use: an explicit setting or WANDB_MODE wins, else online iff logged in."""
-    if mode is not WandbMode.AUTO:
+    if mode is not WandbMode.auto:
         return mode.value
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
