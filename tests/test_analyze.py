@@ -73,6 +73,7 @@ def write_run(
     train: np.ndarray,
     wall: np.ndarray,
     diverged_step: int | None = None,
+    acc: np.ndarray | None = None,
 ) -> RunFolder:
     """Write one run folder through the suite's results writer."""
     benchmark, variant, optimizer, family = key
@@ -88,6 +89,7 @@ def write_run(
                 "train_loss_per_output": float(loss) / OUTPUTS,
                 "test_loss": float(loss) * 1.1,
                 "test_loss_per_output": float(loss) * 1.1 / OUTPUTS,
+                **({} if acc is None else {"test_acc": float(acc[i])}),
             }
         )
         record.steps.append(
@@ -127,8 +129,8 @@ def write_run(
             "best_test_loss": float(finite.min()) * 1.1,
             "final_val_loss": None,
             "best_val_loss": None,
-            "final_test_acc": None,
-            "best_test_acc": None,
+            "final_test_acc": None if acc is None else float(acc[-1]),
+            "best_test_acc": None if acc is None else float(acc.max()),
             "diverged_step": diverged_step,
             "error": None,
             "started_at": "2024-01-01T00:00:00+00:00",
@@ -555,3 +557,33 @@ def test_duplicates_settings_and_non_finite_runs(tmp_path: Path) -> None:
     assert sorted(table["label"]) == ["kfac · lr=0.01", "kfac · lr=0.1"]
     row = table.set_index("label").loc["kfac · lr=0.01"]
     assert row["n_seeds"] == 1 and row["final_train_loss_mean"] == pytest.approx(40.0)
+
+
+def test_classifier_gets_an_accuracy_row(tmp_path: Path) -> None:
+    key = ("fmnist_2c2d", "fmnist-full", "adam", "adam")
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    accs = {0: 0.80 + 0.01 * epochs, 1: 0.78 + 0.012 * epochs}
+    for seed, acc in accs.items():
+        train = loss_curve(0.3 + 0.01 * seed, epochs, start=2.3)
+        write_run(
+            tmp_path,
+            f"cls_s{seed}",
+            key=key,
+            seed=seed,
+            status="completed",
+            train=train,
+            wall=epochs,
+            acc=acc,
+        )
+    results = load_results([tmp_path])
+    fig = plot_benchmark(results, benchmark="fmnist_2c2d", axes=(Axis.EPOCH,))
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "train loss (nats)",
+        "test loss (nats)",
+        "test accuracy (fraction)",
+    ]
+    assert fig.axes[2].get_yscale() == "linear"
+    mean = _lines(fig.axes[2], "mean:")["adam"].get_ydata()
+    np.testing.assert_allclose(mean, (accs[0] + accs[1]) / 2)
+    row = final_loss_table(results).numbers.iloc[0]
+    assert row["final_test_acc_mean"] == pytest.approx((accs[0][-1] + accs[1][-1]) / 2)
