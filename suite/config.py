@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from datasets.config import DataConfig
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from datasets.config import DataConfig
 
 
 class DeviceChoice(str, Enum):
@@ -105,7 +106,6 @@ class Config:
 def register_configs() -> None:
     """Register the top-level schema and every group schema with Hydra."""
     from models.config import SCHEMAS as MODEL_SCHEMAS
-
     from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
 
     store = ConfigStore.instance()
