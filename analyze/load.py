@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from suite.store import EVAL_COLUMNS, RunStatus, find_run_folders, read_run
 
@@ -210,7 +211,7 @@ def _load_one(folder: Path) -> tuple[dict[str, Any], pd.DataFrame | None, pd.Dat
             problem=f"summary lacks {', '.join(missing)}",
         )
         return row, None, None
-    row = _row_from_summary(summary, folder)
+    row = _row_from_summary(summary, folder, budget=budget_of(stored.config_text))
     try:
         row["status"] = AnalysisStatus(str(summary["status"])).value
     except ValueError:
@@ -274,16 +275,37 @@ def _derived_metrics(evals: pd.DataFrame) -> dict[str, float]:
     return derived
 
 
-def setting_of(summary: dict[str, Any]) -> str:
-    """Canonical text of what besides the seed defines a run: scale and hyperparameters."""
+BUDGET_KEYS = ("batch_size", "epochs", "max_steps")
+
+
+def budget_of(config_text: str) -> dict[str, Any]:
+    """Batch size and training budget from a run's resolved config (empty when unreadable)."""
+    try:
+        config = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return {}
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    if not isinstance(trainer, dict):
+        return {}
+    return {key: trainer[key] for key in BUDGET_KEYS if key in trainer}
+
+
+def setting_of(summary: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
+    """Canonical text of what besides the seed defines a run: scale, budget, hyperparameters."""
     hyper = summary.get("hyperparameters") or {}
     if not isinstance(hyper, dict):
         hyper = {"hyperparameters": str(hyper)}
-    canonical = {"scale": summary.get("scale"), **{str(k): v for k, v in hyper.items()}}
+    canonical: dict[str, Any] = {"scale": summary.get("scale")}
+    if summary.get("batch_size") is not None:
+        canonical["batch_size"] = summary["batch_size"]
+    canonical.update(budget or {})
+    canonical.update({str(k): v for k, v in hyper.items()})
     return json.dumps(canonical, sort_keys=True, default=str)
 
 
-def _row_from_summary(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
+def _row_from_summary(
+    summary: dict[str, Any], folder: Path, *, budget: dict[str, Any] | None = None
+) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for key, value in summary.items():
         if key in ("hyperparameters", "tuning") and isinstance(value, dict):
@@ -293,7 +315,9 @@ def _row_from_summary(summary: dict[str, Any], folder: Path) -> dict[str, Any]:
             row[key] = _scalar(value)
     row["run_id"] = str(summary.get("run_id") or folder.name)
     row["benchmark"] = summary.get("model")
-    row["setting"] = setting_of(summary)
+    row["setting"] = setting_of(summary, budget)
+    for key, value in (budget or {}).items():
+        row.setdefault(key, value)
     row["path"] = str(folder)
     row.setdefault("status", AnalysisStatus.CORRUPT.value)
     row.setdefault("usable", False)

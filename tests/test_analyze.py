@@ -103,7 +103,7 @@ def write_run(
             }
         )
     folder.write_metrics(record)
-    folder.write_config(f"model: {benchmark}\noptimizer: {optimizer}\nseed: {seed}\n")
+    folder.write_config(f"trainer:\n  epochs: {EPOCHS}\n  batch_size: 100\n  seed: {seed}\n")
     folder.write_environment({"python": "3.11"})
     finite = train[np.isfinite(train)]
     folder.write_summary(
@@ -587,3 +587,32 @@ def test_classifier_gets_an_accuracy_row(tmp_path: Path) -> None:
     np.testing.assert_allclose(mean, (accs[0] + accs[1]) / 2)
     row = final_loss_table(results).numbers.iloc[0]
     assert row["final_test_acc_mean"] == pytest.approx((accs[0][-1] + accs[1][-1]) / 2)
+
+
+def test_budget_from_config_splits_groups(tmp_path: Path) -> None:
+    key = ("mnist_ae", "mnist-full", "sgd", "sgd")
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    for seed in (0, 1):
+        write_run(
+            tmp_path,
+            f"long{seed}",
+            key=key,
+            seed=seed,
+            status="completed",
+            train=loss_curve(50 + seed, epochs),
+            wall=epochs,
+        )
+    short = write_run(
+        tmp_path,
+        "short0",
+        key=key,
+        seed=0,
+        status="completed",
+        train=loss_curve(70, epochs),
+        wall=epochs,
+    )
+    short.write_config("trainer:\n  epochs: 4\n  batch_size: 100\n")
+    table = final_loss_table(load_results([tmp_path])).numbers.set_index("label")
+    assert sorted(table.index) == ["sgd · epochs=4", f"sgd · epochs={EPOCHS}"]
+    assert table.loc[f"sgd · epochs={EPOCHS}", "final_train_loss_mean"] == pytest.approx(50.5)
+    assert table.loc["sgd · epochs=4", "n_seeds"] == 1
