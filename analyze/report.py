@@ -142,6 +142,15 @@ def published_comparison(results: ResultsSet, *, benchmark: str) -> str:
             lines.append(
                 f"| {variant} | {name} | {fmt(published[family])} | {ours} | {comparable} |"
             )
+    usable = results.usable_runs()
+    usable = usable[usable["benchmark"] == benchmark]
+    budget = [
+        f"{name} {', '.join(sorted({f'{v:g}' for v in pd.to_numeric(usable[name]).dropna()}))}"
+        for name in ("batch_size", "epochs")
+        if name in usable.columns and usable[name].notna().any()
+    ]
+    if budget:
+        lines.extend(["", f"Our runs: {'; '.join(budget)}."])
     if entry.kfac_wall_s is not None:
         lines.extend(["", f"Published K-FAC wall-clock: {entry.kfac_wall_s:g} s (their hardware)."])
     return "\n".join(lines) + "\n"

@@ -194,7 +194,7 @@ def metric_columns(loss_kind: LossKind, results: ResultsSet) -> list[tuple[str, 
 def final_loss_table(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM) -> Table:
     """Final and best metrics per optimizer: mean ± std over completed seeds, with counts."""
     keys = _all_groups(results)
-    labels = group_labels(results, keys)
+    labels = group_labels(results, keys, with_variant=False)  # the table has a variant column
     metrics = metric_columns(loss_kind, results)
     rows, text_rows = [], []
     for key in keys:
@@ -232,7 +232,7 @@ def final_loss_table(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM)
     )
     return Table(
         name="table_final_loss" + ("" if loss_kind is LossKind.SUM else "_per_output"),
-        title="Final and best metrics per optimizer (mean ± std over seeds)",
+        title=f"Final and best metrics per optimizer ({kind}; mean ± std over seeds)",
         numbers=pd.DataFrame(rows),
         text=pd.DataFrame(text_rows),
         notes=notes,
