@@ -64,7 +64,12 @@ def _resolve(spec: DatasetSpec, source: DataSource, root: Path, seed: int) -> Ra
         except SourceUnavailable as err:
             raise DataNotFoundError(f"{spec.title} not found: {err}; {_hint(spec, root)}") from None
         if "surrogate" in raw.variant:
-            log.warning("data: using %s (variant %s), as data.source=%s", *_said(raw, source))
+            log.warning(
+                "data: using %s (variant %s), as data.source=%s",
+                raw.description,
+                raw.variant,
+                source.value,
+            )
         return raw
     reasons: list[str] = []
     for candidate in AUTO_ORDER:
@@ -87,10 +92,6 @@ def _resolve(spec: DatasetSpec, source: DataSource, root: Path, seed: int) -> Ra
             )
         return raw
     raise DataNotFoundError(f"{spec.title} not found ({'; '.join(reasons)}); {_hint(spec, root)}")
-
-
-def _said(raw: RawData, source: DataSource) -> tuple[str, str, str]:
-    return raw.description, raw.variant, source.value
 
 
 def _hint(spec: DatasetSpec, root: Path) -> str:

@@ -71,7 +71,8 @@ def read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     try:
         content = loadmat(str(path), variable_names=list(keys))
     except (ValueError, TypeError, OSError) as err:
-        raise FormatError(f"{path}: not a readable MATLAB file ({err})") from None
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise FormatError(f"{path}: not a readable MATLAB file ({first})") from None
     missing = [key for key in keys if key not in content]
     if missing:
         raise FormatError(f"{path}: variables {missing} missing (expected {list(keys)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -64,7 +65,7 @@ class DeepAutoencoder(nn.Module):
         last = len(self.widths) - 2
         relu = activation is Activation.relu
         scale = math.sqrt(2.0 / sparse_connections) if relu else 1.0
-        for i, (fan_in, fan_out) in enumerate(zip(self.widths[:-1], self.widths[1:])):
+        for i, (fan_in, fan_out) in enumerate(itertools.pairwise(self.widths)):
             linear = nn.Linear(fan_in, fan_out)
             if init is Init.sparse:
                 sparse_init_(linear, connections=sparse_connections, scale=scale)
