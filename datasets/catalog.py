@@ -139,7 +139,7 @@ def _cifar10_folder(root: Path, seed: int) -> RawData:
             test = Split(images_from_uint8(test_x), torch.from_numpy(test_y))
             text = f"CIFAR-10 {_count(len(train))} train / {_count(len(test))} test"
             return RawData(train, test, "cifar10-full", f"{text}, python batches from {folder}")
-    searched = ", ".join(str(f.resolve()) for f in folders)
+    searched = ", ".join(str(f.absolute()) for f in folders)
     raise SourceUnavailable(f"no CIFAR-10 batches (data_batch_1..5, test_batch) in {searched}")
 
 

@@ -58,7 +58,7 @@ def find_idx_files(folders: list[Path]) -> dict[str, Path]:
         found = {key: _idx_path(folder, stem) for key, stem in IDX_FILES.items()}
         if all(path is not None for path in found.values()):
             return {key: path for key, path in found.items() if path is not None}
-    searched = ", ".join(str(f.resolve()) for f in folders)
+    searched = ", ".join(str(f.absolute()) for f in folders)
     raise SourceUnavailable(f"no IDX files ({IDX_FILES['train_images']}[.gz], ...) in {searched}")
 
 
@@ -73,7 +73,7 @@ def find_file(dataset: str, root: Path, filename: str) -> Path:
     for folder in folders:
         if (folder / filename).is_file():
             return folder / filename
-    searched = ", ".join(str(f.resolve()) for f in folders)
+    searched = ", ".join(str(f.absolute()) for f in folders)
     raise SourceUnavailable(f"no {filename} in {searched}")
 
 
