@@ -252,7 +252,7 @@ class KFACBlock:
         If every retry fails, the previous inverse is kept and RuntimeError is raised when there
         is none.
         """
-        if mode is DampingMode.EIGEN:
+        if mode is DampingMode.eigen:
             return self._update_eigen(damping)
         return self._update_factored(damping)
 
@@ -266,7 +266,7 @@ class KFACBlock:
         self.d_A, self.Q_A = eig_a[0].clamp_min(0), eig_a[1]
         self.d_G, self.Q_G = eig_g[0].clamp_min(0), eig_g[1]
         self.A_inv = self.G_inv = None
-        self.mode = DampingMode.EIGEN
+        self.mode = DampingMode.eigen
         self._set_eigen_scale(damping)
         return int(eig_a[2]) + int(eig_g[2])
 
@@ -286,26 +286,26 @@ class KFACBlock:
             return 2
         self.A_inv, self.G_inv, self.pi = inv_a[0], inv_g[0], pi
         self.Q_A = self.d_A = self.Q_G = self.d_G = self.eigen_scale = None
-        self.mode = DampingMode.FACTORED
+        self.mode = DampingMode.factored
         self.damping = damping
         return int(inv_a[1]) + int(inv_g[1])
 
     def set_damping(self, damping: float) -> int:
         """Re-damp the current inverse with a new λ (eigen: rescale only; factored: refactor)."""
-        if self.mode is DampingMode.EIGEN:
+        if self.mode is DampingMode.eigen:
             self._set_eigen_scale(damping)
             return 0
-        if self.mode is DampingMode.FACTORED:
+        if self.mode is DampingMode.factored:
             return self._update_factored(damping)
         return 0
 
     # ------------------------------------------------------------------ stage 5
     def multiply_inverse(self, mat: Tensor) -> Tensor:
         """Stage 5: the damped inverse applied to a d_out × d_in' matrix (factor dtype)."""
-        if self.mode is DampingMode.FACTORED:
+        if self.mode is DampingMode.factored:
             assert self.A_inv is not None and self.G_inv is not None
             return self.G_inv @ mat @ self.A_inv
-        if self.mode is DampingMode.EIGEN:
+        if self.mode is DampingMode.eigen:
             assert self.Q_A is not None and self.Q_G is not None and self.eigen_scale is not None
             rotated = self.Q_G.T @ mat @ self.Q_A
             return self.Q_G @ (rotated * self.eigen_scale) @ self.Q_A.T

@@ -9,21 +9,23 @@ from typing import TypeVar
 class DampingMode(str, Enum):
     """How damping λ enters the Kronecker-factored inverse (REFERENCE §2)."""
 
-    FACTORED = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces
-    EIGEN = "eigen"  # exact (A ⊗ G + λ I)^-1 in the Kronecker eigenbasis
-    # Lower-case aliases: Hydra/OmegaConf look enum settings up by member name (YAML values).
-    factored = "factored"
-    eigen = "eigen"
+    # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
+    factored = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces
+    eigen = "eigen"  # exact (A ⊗ G + λ I)^-1 in the Kronecker eigenbasis
+    # Upper-case aliases (the same members).
+    FACTORED = "factored"
+    EIGEN = "eigen"
 
 
 class FisherType(str, Enum):
     """Which targets define the output gradients g of the G factors."""
 
-    MC = "mc"  # targets sampled from the model's predictive distribution (true Fisher, 1 sample)
-    EMPIRICAL = "empirical"  # the data targets (empirical Fisher)
-    # Lower-case aliases: Hydra/OmegaConf look enum settings up by member name (YAML values).
-    mc = "mc"
-    empirical = "empirical"
+    # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
+    mc = "mc"  # targets sampled from the model's predictive distribution (true Fisher, 1 sample)
+    empirical = "empirical"  # the data targets (empirical Fisher)
+    # Upper-case aliases (the same members).
+    MC = "mc"
+    EMPIRICAL = "empirical"
 
 
 E = TypeVar("E", bound=Enum)

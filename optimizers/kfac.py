@@ -75,8 +75,8 @@ class KFACConfig:
     momentum: float = 0.9  # heavy-ball momentum μ
     weight_decay: float = 0.0  # wd, added to the preconditioned direction
     damping: float = 1.0e-3  # Tikhonov damping λ (initial value when adaptive)
-    damping_mode: DampingMode = DampingMode.EIGEN  # eigen | factored
-    fisher: FisherType = FisherType.MC  # mc | empirical
+    damping_mode: DampingMode = DampingMode.eigen  # eigen | factored
+    fisher: FisherType = FisherType.mc  # mc | empirical
     ema_max: float = 0.95  # running-average cap ε_max
     cov_period: int = 10  # statistics every T_cov steps
     inv_period: int = 100  # inverses every T_inv steps
@@ -116,8 +116,8 @@ class KFAC(torch.optim.Optimizer):
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         damping: float = 1.0e-3,
-        damping_mode: DampingMode | str = DampingMode.EIGEN,
-        fisher: FisherType | str = FisherType.MC,
+        damping_mode: DampingMode | str = DampingMode.eigen,
+        fisher: FisherType | str = FisherType.mc,
         ema_max: float = 0.95,
         cov_period: int = 10,
         inv_period: int = 100,
@@ -258,7 +258,7 @@ class KFAC(torch.optim.Optimizer):
         block.save_input(x, rows=rows)
         block.save_output(output)
         self._outputs[index] = (output, output._version)
-        if self.fisher is FisherType.EMPIRICAL:
+        if self.fisher is FisherType.empirical:
             output.register_hook(partial(self._empirical_hook, block, rows, float(batch)))
 
     @staticmethod
@@ -298,7 +298,7 @@ class KFAC(torch.optim.Optimizer):
         if self.is_damping_step:
             with torch.no_grad():
                 self._loss_before = lik.nll(output.detach(), target).detach()
-        if self.fisher is FisherType.EMPIRICAL or not self.is_stats_step or not self.blocks:
+        if self.fisher is FisherType.empirical or not self.is_stats_step or not self.blocks:
             return
         if not self._outputs:
             raise RuntimeError(
@@ -346,7 +346,7 @@ class KFAC(torch.optim.Optimizer):
         if all(self.blocks[i].g is None for i in self._outputs):
             how = (
                 "call optimizer.fisher_backward(output, likelihood=..., target=...) before step()"
-                if self.fisher is FisherType.MC
+                if self.fisher is FisherType.mc
                 else "call loss.backward() on the batch-mean loss before step()"
             )
             raise RuntimeError(f"KFAC.step: no output gradients were captured; {how}")
@@ -411,7 +411,8 @@ class KFAC(torch.optim.Optimizer):
         kl_clip = self.param_groups[0]["kl_clip"]
         if kl_clip is None or not updates:
             return None
-        vg = torch.stack([(u * g).sum() for u, g in zip(updates, grads, strict=True)]).sum()
+        pairs = zip(updates, grads, strict=True)
+        vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for u, g in pairs]).sum()
         vg = vg * (lr * lr)
         ratio = kl_clip / torch.where(vg > 0, vg, torch.ones_like(vg))
         nu = torch.where(vg > 0, torch.sqrt(ratio), torch.ones_like(vg)).clamp(max=1.0)

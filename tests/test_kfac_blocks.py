@@ -44,7 +44,7 @@ def test_linear_single_example_kron_is_exact_fisher_block(bias: bool) -> None:
     model = nn.Sequential(nn.Linear(3, 4, bias=bias), nn.Tanh(), nn.Linear(4, 2, bias=bias)).to(D)
     opt = _statistics_only(model, fisher="empirical")
     x, target = torch.randn(1, 3, dtype=D), torch.randn(1, 2, dtype=D)
-    lik = Likelihood.GAUSSIAN
+    lik = Likelihood.gaussian
     protocol_step(opt, model, x, target, lik)
     grads = per_example_grads(model, lik.nll, x, target)
     assert len(opt.blocks) == 2
@@ -64,7 +64,7 @@ def test_conv_covering_its_input_kron_is_exact_fisher_block() -> None:
     opt = _statistics_only(model, fisher="empirical")
     x = torch.randn(1, 2, 3, 3, dtype=D)
     target = torch.bernoulli(torch.full((1, 4), 0.5, dtype=D))
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     protocol_step(opt, model, x, target, lik)
     grads = per_example_grads(model, lik.nll, x, target)
     conv_block = opt.blocks[0]
@@ -82,7 +82,7 @@ def test_conv_factors_average_a_over_positions_and_sum_g() -> None:
     batch = 3
     x = torch.randn(batch, 2, 6, 5, dtype=D)
     target = torch.randn(batch, 4, dtype=D)
-    lik = Likelihood.GAUSSIAN
+    lik = Likelihood.gaussian
     out, records = explicit_forward(model, x)
     lik.nll(out, target).backward()
     model.zero_grad(set_to_none=True)
@@ -167,7 +167,7 @@ def test_multiply_inverse_matches_dense_kron(mode: DampingMode) -> None:
     damping = 0.3
     block.update_inverse(damping=damping, mode=mode)
     mat = torch.randn(3, 5, dtype=D)
-    if mode is DampingMode.EIGEN:
+    if mode is DampingMode.eigen:
         dense = dense_eigen_inverse(block.A, block.G, damping)
         assert block.Q_A is not None and block.d_A is not None
         assert_close((block.Q_A * block.d_A) @ block.Q_A.T, block.A)
@@ -228,13 +228,13 @@ class _FailingOnce:
 
 def test_eigh_failure_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     reference = _block_with_factors(5)
-    reference.update_inverse(damping=0.1, mode=DampingMode.EIGEN)
+    reference.update_inverse(damping=0.1, mode=DampingMode.eigen)
     block = _block_with_factors(5)
     block.A = block.A.float()
     block.G = block.G.float()
     failing = _FailingOnce(torch.linalg.eigh, how="raise")
     monkeypatch.setattr(torch.linalg, "eigh", failing)
-    retries = block.update_inverse(damping=0.1, mode=DampingMode.EIGEN)
+    retries = block.update_inverse(damping=0.1, mode=DampingMode.eigen)
     assert retries == 1 and failing.calls == 3  # failed, retried in float64, then G
     assert block.d_A is not None and block.d_A.dtype == torch.float32
     mat = torch.randn(3, 5, dtype=D)
@@ -244,19 +244,19 @@ def test_eigh_failure_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_cholesky_failure_retries_in_float64(monkeypatch: pytest.MonkeyPatch) -> None:
     reference = _block_with_factors(6)
-    reference.update_inverse(damping=0.1, mode=DampingMode.FACTORED)
+    reference.update_inverse(damping=0.1, mode=DampingMode.factored)
     block = _block_with_factors(6)
     monkeypatch.setattr(
         torch.linalg, "cholesky_ex", _FailingOnce(torch.linalg.cholesky_ex, how="info")
     )
-    assert block.update_inverse(damping=0.1, mode=DampingMode.FACTORED) == 1
+    assert block.update_inverse(damping=0.1, mode=DampingMode.factored) == 1
     mat = torch.randn(3, 5, dtype=D)
     assert_close(block.multiply_inverse(mat), reference.multiply_inverse(mat))
 
 
 def test_hopeless_factorisation_keeps_previous_inverse(monkeypatch: pytest.MonkeyPatch) -> None:
     block = _block_with_factors(7)
-    block.update_inverse(damping=0.1, mode=DampingMode.EIGEN)
+    block.update_inverse(damping=0.1, mode=DampingMode.eigen)
     mat = torch.randn(3, 5, dtype=D)
     before = block.multiply_inverse(mat)
 
@@ -265,11 +265,11 @@ def test_hopeless_factorisation_keeps_previous_inverse(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
     block.A = block.A * 2
-    assert block.update_inverse(damping=0.1, mode=DampingMode.EIGEN) > 0
+    assert block.update_inverse(damping=0.1, mode=DampingMode.eigen) > 0
     assert torch.equal(block.multiply_inverse(mat), before)
     fresh = _block_with_factors(8)
     with pytest.raises(RuntimeError, match="eigendecomposition failed"):
-        fresh.update_inverse(damping=0.1, mode=DampingMode.EIGEN)
+        fresh.update_inverse(damping=0.1, mode=DampingMode.eigen)
     assert robust_eigh(torch.eye(2, dtype=D)) is None
 
 
@@ -280,7 +280,7 @@ def test_optimizer_counts_linalg_retries(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(torch.linalg, "eigh", _FailingOnce(torch.linalg.eigh, how="raise"))
     x, target = torch.randn(4, 3, dtype=D), torch.randn(4, 2, dtype=D)
     with pytest.warns(RuntimeWarning, match="retried in float64"):
-        protocol_step(opt, model, x, target, Likelihood.GAUSSIAN)
+        protocol_step(opt, model, x, target, Likelihood.gaussian)
     assert opt.counters.linalg_retries == 1
     assert opt.diagnostics()["linalg_retries"] == 1.0
     assert opt.state_dict()["curvature"]["counters"]["linalg_retries"] == 1
@@ -290,7 +290,7 @@ def test_nonfinite_statistics_are_reported_not_folded_in() -> None:
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(D)
     opt = KFAC(model, lr=0.1, fisher="empirical", cov_period=1, kl_clip=None)
-    lik = Likelihood.GAUSSIAN
+    lik = Likelihood.gaussian
     x, target = torch.randn(5, 3, dtype=D), torch.randn(5, 2, dtype=D)
     protocol_step(opt, model, x, target, lik)
     factors = [(b.A.clone(), b.G.clone()) for b in opt.blocks]
@@ -316,7 +316,7 @@ def test_factor_math_is_float32_for_low_precision_models() -> None:
     opt = KFAC(model, lr=0.1, fisher="mc")
     x = torch.randn(6, 3, dtype=torch.bfloat16)
     target = torch.randn(6, 2, dtype=torch.bfloat16)
-    protocol_step(opt, model, x, target, Likelihood.GAUSSIAN)
+    protocol_step(opt, model, x, target, Likelihood.gaussian)
     for block in opt.blocks:
         assert block.A.dtype == torch.float32 and block.G.dtype == torch.float32
         assert block.Q_A is not None and block.Q_A.dtype == torch.float32

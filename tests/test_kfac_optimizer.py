@@ -51,14 +51,14 @@ def mlp(seed: int = 0, *, out: int = 3) -> nn.Sequential:
 
 
 def batch(
-    seed: int, n: int = 6, *, lik: Likelihood = Likelihood.BERNOULLI
+    seed: int, n: int = 6, *, lik: Likelihood = Likelihood.bernoulli
 ) -> tuple[Tensor, Tensor]:
     """Inputs (n, 4) and data targets for ``lik`` with 3 outputs."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=gen, dtype=D)
-    if lik is Likelihood.CATEGORICAL:
+    if lik is Likelihood.categorical:
         return x, torch.randint(0, 3, (n,), generator=gen)
-    if lik is Likelihood.GAUSSIAN:
+    if lik is Likelihood.gaussian:
         return x, torch.randn(n, 3, generator=gen, dtype=D)
     return x, torch.bernoulli(torch.full((n, 3), 0.5, dtype=D), generator=gen)
 
@@ -84,7 +84,7 @@ def test_first_step_equals_explicit_kron_preconditioner(mode: DampingMode) -> No
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 2, 4, 4, generator=gen, dtype=D)
     target = torch.bernoulli(torch.full((4, 5), 0.5, dtype=D), generator=gen)
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
 
     out, records = explicit_forward(model, x)
     lik.nll(out, target).backward()
@@ -94,7 +94,7 @@ def test_first_step_equals_explicit_kron_preconditioner(mode: DampingMode) -> No
     for record in records:
         module = record.module
         a_hat, g_hat = kfc_factors(homogeneous_rows(record), output_grad_rows(record, scale=4.0))
-        inverse = (dense_eigen_inverse if mode is DampingMode.EIGEN else dense_factored_inverse)(
+        inverse = (dense_eigen_inverse if mode is DampingMode.eigen else dense_factored_inverse)(
             a_hat, g_hat, damping
         )
         grad = layer_matrix(grads[id(module.weight)], grads[id(module.bias)])
@@ -118,7 +118,7 @@ def test_momentum_weight_decay_and_kl_clip_follow_the_update_rule() -> None:
         model, lr=lr, momentum=mu, weight_decay=wd, kl_clip=kappa, damping=0.1,
         fisher="empirical", cov_period=10, inv_period=10,
     )  # fmt: skip
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     buffers: dict[int, Tensor] = {}
     for step in range(2):
         x, target = batch(10 + step)
@@ -148,8 +148,8 @@ def test_precondition_is_the_subclass_hook() -> None:
     opt = Identity(model, lr=0.5, momentum=0.0, kl_clip=None, fisher="empirical")
     ref = KFAC(reference, lr=1.0, momentum=0.0, kl_clip=None, fisher="empirical")
     x, target = batch(3)
-    protocol_step(opt, model, x, target, Likelihood.BERNOULLI)
-    protocol_step(ref, reference, x, target, Likelihood.BERNOULLI)
+    protocol_step(opt, model, x, target, Likelihood.bernoulli)
+    protocol_step(ref, reference, x, target, Likelihood.bernoulli)
     assert [tuple(g.shape) for g in opt.seen] == [(5, 5), (3, 6)]
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert_close(p, q, rtol=1e-12, atol=1e-14)
@@ -159,7 +159,7 @@ def test_lr_is_read_from_param_groups_by_step_lr() -> None:
     model = mlp()
     opt = KFAC(model, lr=0.4, momentum=0.0, kl_clip=None, fisher="empirical", cov_period=5)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     for step, lr in enumerate([0.4, 0.1, 0.025]):
         assert math.isclose(opt.param_groups[0]["lr"], lr)
         x, target = batch(20 + step)
@@ -204,11 +204,11 @@ def test_mc_factors_match_explicit_sampled_targets(lik: Likelihood) -> None:
 
 
 def test_mc_sampling_is_seeded() -> None:
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     factors = []
     for seed in (7, 7, 8):
         model = mlp()
-        opt = KFAC(model, lr=0.1, fisher=FisherType.MC, seed=seed, cov_period=1)
+        opt = KFAC(model, lr=0.1, fisher=FisherType.mc, seed=seed, cov_period=1)
         for step in range(3):
             protocol_step(opt, model, *batch(step), lik)
         factors.append(torch.cat([b.G.flatten() for b in opt.blocks]))
@@ -217,7 +217,7 @@ def test_mc_sampling_is_seeded() -> None:
 
 
 def test_mc_and_empirical_fisher_differ() -> None:
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     x, target = batch(1)
     gs = []
     for fisher in FisherType:
@@ -235,7 +235,7 @@ def test_running_average_schedule() -> None:
     model = mlp()
     ema_max = 0.6
     opt = KFAC(model, lr=0.01, fisher="empirical", cov_period=1, ema_max=ema_max)
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     block = opt.blocks[0]
     running_a, running_g = torch.zeros_like(block.A), torch.zeros_like(block.G)
     decays = []
@@ -262,11 +262,11 @@ def test_running_average_schedule() -> None:
 def test_statistics_and_inverses_only_change_on_their_steps(mode: DampingMode) -> None:
     model = mlp()
     opt = KFAC(model, lr=0.05, fisher="mc", cov_period=2, inv_period=3, damping_mode=mode)
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     block = opt.blocks[1]
 
     def inverse() -> Tensor:
-        parts = [block.Q_A, block.d_A] if mode is DampingMode.EIGEN else [block.A_inv]
+        parts = [block.Q_A, block.d_A] if mode is DampingMode.eigen else [block.A_inv]
         return torch.cat([t.flatten() for t in parts if t is not None])
 
     factor_changes, inverse_changes = [], []
@@ -290,7 +290,7 @@ def test_statistics_and_inverses_only_change_on_their_steps(mode: DampingMode) -
 def test_non_statistics_steps_need_no_capture_but_statistics_steps_do() -> None:
     model = mlp()
     opt = KFAC(model, lr=0.05, fisher="mc", cov_period=2)
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     x, target = batch(0)
     loss = lik.nll(model(x), target)
     loss.backward()
@@ -313,7 +313,7 @@ def test_non_statistics_steps_need_no_capture_but_statistics_steps_do() -> None:
 
 
 def _run(opt: KFAC, model: nn.Module, steps: range) -> list[Tensor]:
-    lik = Likelihood.BERNOULLI
+    lik = Likelihood.bernoulli
     for step in steps:
         protocol_step(opt, model, *batch(50 + step), lik, closure=True)
     return params_of(model)
@@ -335,7 +335,7 @@ def test_state_dict_round_trip_continues_bitwise(mode: DampingMode) -> None:
     resumed = mlp(seed=99)
     opt2 = KFAC(resumed, **{**settings, "seed": 0})  # type: ignore[arg-type]
     buffer.seek(0)
-    saved = torch.load(buffer, weights_only=False)
+    saved = torch.load(buffer, weights_only=True)
     resumed.load_state_dict(saved["model"])
     opt2.load_state_dict(saved["optimizer"])
     assert opt2.counters.steps == 5 and opt2.seed == 11
@@ -358,7 +358,7 @@ def test_state_dict_rejects_other_architectures() -> None:
 
 
 def test_adaptive_damping_decreases_after_good_steps_and_increases_after_bad() -> None:
-    lik = Likelihood.GAUSSIAN
+    lik = Likelihood.gaussian
     omega = 0.95**5
     for lr, expected_factor in ((1e-4, omega), (50.0, 1 / omega)):
         model = mlp()
@@ -378,7 +378,7 @@ def test_adaptive_damping_decreases_after_good_steps_and_increases_after_bad() -
 
 
 def test_adaptive_damping_reduction_ratio_uses_the_kfac_quadratic_model() -> None:
-    lik = Likelihood.GAUSSIAN
+    lik = Likelihood.gaussian
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3)).to(D)
     lr, wd, damping = 0.3, 0.05, 0.2
@@ -408,7 +408,7 @@ def test_adaptive_damping_needs_the_closure() -> None:
     model = mlp()
     opt = KFAC(model, lr=0.1, adaptive_damping=True)
     with pytest.raises(ValueError, match="closure"):
-        protocol_step(opt, model, *batch(0), Likelihood.BERNOULLI)
+        protocol_step(opt, model, *batch(0), Likelihood.bernoulli)
 
 
 # ----------------------------------------------------------------------------- config
@@ -427,11 +427,14 @@ def test_yaml_preset_matches_schema_and_authors_defaults() -> None:
     assert (cfg.cov_period, cfg.inv_period, cfg.damping, cfg.kl_clip, cfg.momentum) == (
         10, 100, 1e-3, 1e-2, 0.9,
     )  # fmt: skip
-    assert cfg.fisher is FisherType.MC and cfg.damping_mode is DampingMode.EIGEN
+    assert cfg.fisher is FisherType.mc and cfg.damping_mode is DampingMode.eigen
     for line in text.splitlines()[4:]:
         assert "#" in line or line.startswith("name:"), line
+    dumped = OmegaConf.to_yaml(merged)  # what a run folder's config.yaml holds
+    assert "damping_mode: eigen" in dumped and "fisher: mc" in dumped
+    assert OmegaConf.merge(schema, OmegaConf.create(dumped)) == merged
     opt = build_kfac(mlp(), merged)  # a DictConfig works too
-    assert opt.inv_period == 100 and opt.fisher is FisherType.MC
+    assert opt.inv_period == 100 and opt.fisher is FisherType.mc
 
 
 def test_schema_rejects_unknown_enum_values() -> None:
