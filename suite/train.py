@@ -186,6 +186,10 @@ class Trainer:
         self.model = build_model(cfg.model).to(device=self.device, dtype=self.dtype)
         self._check_model_fits()
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        describe = getattr(self.optimizer, "describe", None)
+        self.optimizer_description = (
+            describe() if callable(describe) else type(self.optimizer).__name__
+        )
         self.scheduler = None
         if len(cfg.trainer.lr_milestones) > 0:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
@@ -266,6 +270,7 @@ class Trainer:
             "data_description": self.data.description,
             "optimizer": self.ctx.optimizer_preset,
             "optimizer_family": str(cfg.optimizer.name),
+            "optimizer_description": self.optimizer_description,
             "hyperparameters": {
                 k: _value(v)
                 for k, v in OmegaConf.to_container(cfg.optimizer, resolve=True).items()  # type: ignore[union-attr]
