@@ -33,39 +33,39 @@ COARSE_PINV_RTOL = 1.0e-12
 class CoarseSpace(str, Enum):
     """Which vectors span the coarse space of each layer."""
 
-    NICOLAIDES = "nicolaides"  # one all-ones vector per layer (paper reconstruction)
-    SPECTRAL = "spectral"  # q_G q_A^T at the smallest factor eigenvalues (Koroko et al.)
-    RESIDUAL = "residual"  # K_i^-1 res_i, res = g − (F + λI) K^-1 g (Koroko et al.)
-    KRYLOV_NICOLAIDES = "krylov_nicolaides"  # {1, K_i^-1 1} (Koroko et al.)
-    KRYLOV_RESIDUAL = "krylov_residual"  # {r_i, K_i^-1 r_i}, r = residual (Koroko et al.)
-    ENRICHED = "enriched"  # 1 plus top K-FAC eigenvectors by gradient projection (2022)
+    nicolaides = "nicolaides"  # one all-ones vector per layer (paper reconstruction)
+    spectral = "spectral"  # q_G q_A^T at the smallest factor eigenvalues (Koroko et al.)
+    residual = "residual"  # K_i^-1 res_i, res = g − (F + λI) K^-1 g (Koroko et al.)
+    krylov_nicolaides = "krylov_nicolaides"  # {1, K_i^-1 1} (Koroko et al.)
+    krylov_residual = "krylov_residual"  # {r_i, K_i^-1 r_i}, r = residual (Koroko et al.)
+    enriched = "enriched"  # 1 plus top K-FAC eigenvectors by gradient projection (2022)
 
     @property
     def gradient_dependent(self) -> bool:
         """Whether the basis depends on the current gradient (so it is rebuilt every step)."""
-        return self in (CoarseSpace.RESIDUAL, CoarseSpace.KRYLOV_RESIDUAL, CoarseSpace.ENRICHED)
+        return self in (CoarseSpace.residual, CoarseSpace.krylov_residual, CoarseSpace.enriched)
 
 
 class BasisNorm(str, Enum):
     """Scaling applied to every coarse basis vector."""
 
-    NONE = "none"  # raw vectors (paper reconstruction: all-ones, not normalised)
-    UNIT = "unit"  # Euclidean norm 1
-    MAX = "max"  # largest absolute entry 1 (Koroko et al.)
+    none = "none"  # raw vectors (paper reconstruction: all-ones, not normalised)
+    unit = "unit"  # Euclidean norm 1
+    max = "max"  # largest absolute entry 1 (Koroko et al.)
 
 
 class CoarseFisher(str, Enum):
     """How the coarse matrix F_c ≈ R0 F R0^T is estimated."""
 
-    KRON = "kron"  # cross-layer Kronecker blocks Ā_ij ⊗ G_ij (paper reconstruction)
-    EXACT = "exact"  # (1/B) Σ_n ⟨r_i, ∇_i ℓ_n⟩⟨r_j, ∇_j ℓ_n⟩ (Koroko et al.)
+    kron = "kron"  # cross-layer Kronecker blocks Ā_ij ⊗ G_ij (paper reconstruction)
+    exact = "exact"  # (1/B) Σ_n ⟨r_i, ∇_i ℓ_n⟩⟨r_j, ∇_j ℓ_n⟩ (Koroko et al.)
 
 
 class CoarseDamping(str, Enum):
     """Damping D_c added to the coarse matrix."""
 
-    DIAGONAL = "diagonal"  # λ I_m (paper reconstruction)
-    PROJECTED = "projected"  # λ R0 R0^T, the projection of λ I (Koroko et al.: λ N_i for ones)
+    diagonal = "diagonal"  # λ I_m (paper reconstruction)
+    projected = "projected"  # λ R0 R0^T, the projection of λ I (Koroko et al.: λ N_i for ones)
 
 
 @dataclass(frozen=True)
@@ -227,15 +227,15 @@ def enriched_basis(
 
 def normalise_basis(basis: LayerBasis, norm: BasisNorm) -> LayerBasis:
     """Scale every vector of a layer basis to unit 2-norm or unit max-norm (zero vectors stay)."""
-    if norm is BasisNorm.NONE:
+    if norm is BasisNorm.none:
         return basis
     ones_scale = basis.ones_scale
     if ones_scale is not None:
-        ones_scale = 1.0 / basis.numel**0.5 if norm is BasisNorm.UNIT else 1.0
+        ones_scale = 1.0 / basis.numel**0.5 if norm is BasisNorm.unit else 1.0
     vectors = basis.vectors
     if vectors is not None:
         flat = vectors.reshape(vectors.shape[0], -1)
-        size = flat.norm(dim=1) if norm is BasisNorm.UNIT else flat.abs().amax(dim=1)
+        size = flat.norm(dim=1) if norm is BasisNorm.unit else flat.abs().amax(dim=1)
         size = torch.where(size > 0, size, torch.ones_like(size))
         vectors = vectors / size[:, None, None]
     return LayerBasis(shape=basis.shape, ones_scale=ones_scale, vectors=vectors)
@@ -461,7 +461,7 @@ def coarse_fisher(
     kind: CoarseFisher, stats: Sequence[LayerStats], bases: Sequence[LayerBasis]
 ) -> Tensor:
     """The coarse Fisher of one statistics batch for the given bases."""
-    if kind is CoarseFisher.KRON:
+    if kind is CoarseFisher.kron:
         return kron_coarse_fisher(stats, bases)
     return exact_coarse_fisher(per_example_projections(stats, bases))
 
@@ -476,7 +476,7 @@ def coarse_damping(
 ) -> Tensor:
     """D_c: λ I_m (diagonal) or λ R0 R0^T (projected)."""
     size = sum(b.size for b in bases)
-    if kind is CoarseDamping.DIAGONAL:
+    if kind is CoarseDamping.diagonal:
         return damping * torch.eye(size, dtype=dtype, device=device)
     return damping * basis_gram(bases, dtype=dtype, device=device)
 

@@ -123,7 +123,7 @@ def test_exact_coarse_fisher_is_projected_fisher(setup: tuple, kind: str) -> Non
         bases = random_bases(stats, seed=6, ones=kind == "mixed")
     r0 = dense_restriction(bases)
     fisher = jac.T @ jac / jac.shape[0]
-    torch.testing.assert_close(coarse_fisher(CoarseFisher.EXACT, stats, bases), r0 @ fisher @ r0.T)
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.exact, stats, bases), r0 @ fisher @ r0.T)
 
 
 def test_grid_downsampling_is_nearest_exact() -> None:
@@ -143,16 +143,16 @@ def test_kron_nicolaides_from_sums_equals_explicit_blocks(setup: tuple) -> None:
     scales = torch.ones(len(stats), dtype=torch.float64)
     cheap = kron_nicolaides_fisher(moment_a, moment_g, kron_scale(stats), scales)
     torch.testing.assert_close(cheap, explicit)
-    torch.testing.assert_close(coarse_fisher(CoarseFisher.KRON, stats, bases), explicit)
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.kron, stats, bases), explicit)
 
 
 @pytest.mark.parametrize("ones", [True, False])
 def test_kron_general_bases_equal_explicit_blocks(setup: tuple, ones: bool) -> None:
     stats, _ = setup
-    bases = [normalise_basis(b, BasisNorm.UNIT) for b in random_bases(stats, seed=7, ones=ones)]
+    bases = [normalise_basis(b, BasisNorm.unit) for b in random_bases(stats, seed=7, ones=ones)]
     r0 = dense_restriction(bases)
     explicit = r0 @ explicit_kron_fisher(stats) @ r0.T
-    torch.testing.assert_close(coarse_fisher(CoarseFisher.KRON, stats, bases), explicit)
+    torch.testing.assert_close(coarse_fisher(CoarseFisher.kron, stats, bases), explicit)
 
 
 def test_kron_diagonal_block_is_kfc_factor_product(setup: tuple) -> None:
@@ -161,7 +161,7 @@ def test_kron_diagonal_block_is_kfc_factor_product(setup: tuple) -> None:
     rows_a, rows_g = st.a.flatten(0, 1), st.g.flatten(0, 1)
     factor_a, factor_g = rows_a.T @ rows_a / len(rows_a), rows_g.T @ rows_g / len(rows_g)
     expected = st.positions * factor_a.sum() * factor_g.sum()
-    got = coarse_fisher(CoarseFisher.KRON, stats, [nicolaides_basis(s.shape) for s in stats])
+    got = coarse_fisher(CoarseFisher.kron, stats, [nicolaides_basis(s.shape) for s in stats])
     torch.testing.assert_close(got[0, 0], expected)
 
 
@@ -171,8 +171,8 @@ def test_kron_and_exact_agree_for_one_example_and_differ_for_a_batch() -> None:
         x, y = make_batch(batch)
         stats = capture_stats(net, x, y)[2:]  # the Linear layers (one position)
         bases = [nicolaides_basis(st.shape) for st in stats]
-        kron = coarse_fisher(CoarseFisher.KRON, stats, bases)
-        exact = coarse_fisher(CoarseFisher.EXACT, stats, bases)
+        kron = coarse_fisher(CoarseFisher.kron, stats, bases)
+        exact = coarse_fisher(CoarseFisher.exact, stats, bases)
         assert torch.allclose(kron, exact) == agree
 
 
@@ -237,11 +237,11 @@ def test_normalise_basis(norm: BasisNorm) -> None:
     vecs = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     basis = normalise_basis(dense_basis(vecs, with_ones=True), norm)
     rows = basis.dense(dtype=torch.float64, device=torch.device("cpu")).flatten(1)
-    if norm is BasisNorm.NONE:
+    if norm is BasisNorm.none:
         torch.testing.assert_close(rows[1:], vecs.flatten(1))
         assert basis.ones_scale == 1.0
         return
-    size = rows.norm(dim=1) if norm is BasisNorm.UNIT else rows.abs().amax(dim=1)
+    size = rows.norm(dim=1) if norm is BasisNorm.unit else rows.abs().amax(dim=1)
     torch.testing.assert_close(size, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(rows[1:] / rows[1:, :1], vecs.flatten(1) / vecs.flatten(1)[:, :1])
 
@@ -253,13 +253,13 @@ def test_coarse_damping_matrix(setup: tuple, kind: CoarseDamping) -> None:
     r0 = dense_restriction(bases)
     got = coarse_damping(kind, bases, 0.3, dtype=torch.float64, device=torch.device("cpu"))
     expected = 0.3 * (
-        torch.eye(r0.shape[0], dtype=torch.float64) if kind is CoarseDamping.DIAGONAL else r0 @ r0.T
+        torch.eye(r0.shape[0], dtype=torch.float64) if kind is CoarseDamping.diagonal else r0 @ r0.T
     )
     torch.testing.assert_close(got, expected)
     nicol = [nicolaides_basis(st.shape) for st in stats]
     got = coarse_damping(kind, nicol, 0.3, dtype=torch.float64, device=torch.device("cpu"))
     sizes = torch.tensor([float(st.shape[0] * st.shape[1]) for st in stats], dtype=torch.float64)
-    diag = sizes if kind is CoarseDamping.PROJECTED else torch.ones_like(sizes)
+    diag = sizes if kind is CoarseDamping.projected else torch.ones_like(sizes)
     torch.testing.assert_close(got, 0.3 * torch.diag(diag))  # Koroko: λ N_i for ones
 
 

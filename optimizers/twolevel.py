@@ -1,0 +1,543 @@
+"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants (REFERENCE §3).
+
+K-FAC's block-diagonal inverse K^-1 is corrected by a coarse solve that restores inter-layer
+curvature on a few directions per layer. With R0 (m × N) the restriction to the coarse space,
+C = F_c + D_c the damped coarse Fisher and Q = ω2 · R0^T C^-1 R0:
+
+- `additive` (the paper):   P^-1 g = ω1 K^-1 g + Q g
+- `deflated` (2022):        (I − Q F_λ) ω1 K^-1 g + Q g
+- `balanced` (2022):        (I − Q F_λ) ω1 K^-1 (I − F_λ Q) g + Q g
+
+F_λ = F + λI is the damped mini-batch Fisher of the latest statistics batch, applied by
+Fisher-vector products from the captured per-example (ā, g) of the K-FAC layers (never as a
+matrix). The published deflated/balanced forms have ω1 = ω2 = 1; the weights there are a suite
+extension. Parameters outside Linear/Conv2d layers (BatchNorm, ...) take the plain gradient.
+
+When the coarse operator is (re)built:
+
+- Nicolaides (fixed basis): at every statistics step the batch coarse statistics enter running
+  averages with K-FAC's ε_k = min(1 − 1/(k+1), ε_max): for `kron` the L × L position-averaged
+  second moments M^a, M^g of the per-example sums s^a = 1^T ā, s^g = 1^T g (so F_c = c ⊙ M^a ⊙ M^g
+  is built from averaged factors, as K-FAC averages A and G); for `exact` the L × L coarse
+  Fisher itself. C is assembled and factored on inverse steps (every T_inv) and when λ changes.
+- `spectral`, `krylov_nicolaides` (basis fixed between inverse refreshes): basis and F_c from
+  the latest statistics batch, on inverse steps and when λ changes; no running average (the
+  basis changes).
+- `residual`, `krylov_residual`, `enriched` (the basis depends on the gradient): rebuilt every
+  step from the latest statistics batch. The preconditioner is then not a fixed linear map.
+
+The coarse solve factors C in float64; its Fisher part is projected onto the PSD cone first (a
+no-op except for `kron` across conv maps of different size, see `optimizers.coarse`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from optimizers.coarse import (
+    BasisNorm,
+    CoarseDamping,
+    CoarseFisher,
+    CoarseSolver,
+    CoarseSpace,
+    LayerBasis,
+    LayerStats,
+    coarse_damping,
+    coarse_fisher,
+    dense_basis,
+    enriched_basis,
+    exact_coarse_fisher,
+    factor_coarse,
+    fisher_vector_product,
+    kron_nicolaides_fisher,
+    kron_scale,
+    nicolaides_basis,
+    nicolaides_moments,
+    normalise_basis,
+    ones_scales,
+    per_example_projections,
+    prolong,
+    restrict,
+    spectral_basis,
+)
+from optimizers.curvature import KFACBlock, ema_decay, robust_eigh
+from optimizers.enums import DampingMode, FisherType, parse_enum
+from optimizers.kfac import KFAC, KFACConfig, kfac_kwargs
+
+# Diagnostics materialise per-example gradients (B × N): skipped above this many entries.
+DIAGNOSTICS_MAX_ENTRIES = 20_000_000
+
+
+class Combination(str, Enum):
+    """How the fine (K-FAC) and coarse levels combine."""
+
+    additive = "additive"  # ω1 K^-1 g + Q g (paper)
+    deflated = "deflated"  # (I − Q F_λ) ω1 K^-1 g + Q g (first author, 2022)
+    balanced = "balanced"  # (I − Q F_λ) ω1 K^-1 (I − F_λ Q) g + Q g (first author, 2022)
+
+
+# Default and allowed number of basis vectors per layer for each coarse space.
+DEFAULT_NBASIS = {
+    CoarseSpace.nicolaides: 1,
+    CoarseSpace.spectral: 1,
+    CoarseSpace.residual: 1,
+    CoarseSpace.krylov_nicolaides: 2,
+    CoarseSpace.krylov_residual: 2,
+    CoarseSpace.enriched: 3,
+}
+
+
+@dataclass
+class TwoLevelKFACConfig(KFACConfig):
+    """Two-level K-FAC settings; defaults are the paper's reconstruction (REFERENCE §3)."""
+
+    name: str = "kfac2"
+    coarse_space: CoarseSpace = CoarseSpace.nicolaides  # paper: one all-ones vector per layer
+    nbasis: int | None = None  # vectors per layer; None: the space's default (DEFAULT_NBASIS)
+    basis_norm: BasisNorm = BasisNorm.none  # paper: not normalised; Koroko et al.: max
+    coarse_fisher: CoarseFisher = CoarseFisher.kron  # paper: kron; Koroko et al.: exact
+    coarse_damping: CoarseDamping = CoarseDamping.diagonal  # paper: λ I; Koroko et al.: λ R0 R0^T
+    combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
+    omega1: float = 1.0  # weight of the fine level (paper: 1)
+    omega2: float = 1.0  # weight of the coarse level (paper: 1); 0 gives K-FAC exactly
+
+
+def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
+    """The number of vectors per layer for a coarse space; a clear error when not allowed."""
+    if nbasis is None:
+        return DEFAULT_NBASIS[space]
+    count = int(nbasis)
+    if space in (CoarseSpace.nicolaides, CoarseSpace.residual) and count != 1:
+        raise ValueError(f"nbasis: {space.value} has exactly 1 vector per layer; got {nbasis}")
+    if space in (CoarseSpace.krylov_nicolaides, CoarseSpace.krylov_residual) and count < 2:
+        raise ValueError(f"nbasis: {space.value} needs >= 2 Krylov vectors; got {nbasis}")
+    if count < 1:
+        raise ValueError(f"nbasis: must be >= 1 (or null for the default); got {nbasis}")
+    return count
+
+
+@dataclass
+class _Operator:
+    """A built coarse operator: per-layer bases and the factored coarse matrix."""
+
+    bases: list[LayerBasis]
+    solver: CoarseSolver
+    fisher: Tensor  # F_c as used (before the PSD projection and damping)
+
+
+class TwoLevelKFAC(KFAC):
+    """K-FAC with a coarse-space correction; see the module docstring."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        coarse_space: CoarseSpace | str = CoarseSpace.nicolaides,
+        nbasis: int | None = None,
+        basis_norm: BasisNorm | str = BasisNorm.none,
+        coarse_fisher: CoarseFisher | str = CoarseFisher.kron,
+        coarse_damping: CoarseDamping | str = CoarseDamping.diagonal,
+        combination: Combination | str = Combination.additive,
+        omega1: float = 1.0,
+        omega2: float = 1.0,
+        **kfac: Any,
+    ) -> None:
+        self.coarse_space = parse_enum(CoarseSpace, coarse_space, setting="coarse_space")
+        self.nbasis = resolve_nbasis(self.coarse_space, nbasis)
+        self.basis_norm = parse_enum(BasisNorm, basis_norm, setting="basis_norm")
+        self.coarse_fisher = parse_enum(CoarseFisher, coarse_fisher, setting="coarse_fisher")
+        self.coarse_damping = parse_enum(CoarseDamping, coarse_damping, setting="coarse_damping")
+        self.combination = parse_enum(Combination, combination, setting="combination")
+        if not (math.isfinite(omega1) and omega1 > 0):
+            raise ValueError(f"omega1: got {omega1!r}; allowed: a finite number > 0")
+        if not (math.isfinite(omega2) and omega2 >= 0):
+            raise ValueError(f"omega2: got {omega2!r}; allowed: a finite number >= 0")
+        self.omega1 = float(omega1)
+        self.omega2 = float(omega2)
+        super().__init__(model, **kfac)
+        # running coarse statistics (Nicolaides only) and the built operator
+        self._moments: tuple[Tensor, Tensor] | None = None
+        self._exact_fisher: Tensor | None = None
+        self.coarse_updates = 0
+        self._operator: _Operator | None = None
+        self._stale = True
+        self._eig_cache: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
+        self._last: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def coarse_active(self) -> bool:
+        """Whether the coarse level contributes at all (ω2 > 0 and there are layers)."""
+        return self.omega2 > 0 and bool(self.blocks)
+
+    def describe(self) -> str:
+        """One line: K-FAC's description plus the two-level settings."""
+        return (
+            f"{super().describe()}; two-level: {self.coarse_space.value} ×{self.nbasis}, "
+            f"norm={self.basis_norm.value}, F_c={self.coarse_fisher.value}, "
+            f"D_c={self.coarse_damping.value}, {self.combination.value}, "
+            f"ω1={self.omega1:g}, ω2={self.omega2:g}"
+        )
+
+    # ------------------------------------------------------------------ curvature stages
+    def layer_stats(self) -> list[LayerStats] | None:
+        """Captured (ā, g) of every block (latest statistics step); None if any is missing."""
+        if any(b.a is None or b.g is None for b in self.blocks):
+            return None
+        return [LayerStats(a=b.a, g=b.g, grid=b.grid) for b in self.blocks]  # type: ignore[arg-type]
+
+    def update_statistics(self) -> None:
+        """K-FAC's running factors, then the Nicolaides running coarse statistics."""
+        super().update_statistics()
+        if not self.coarse_active or self.coarse_space is not CoarseSpace.nicolaides:
+            return
+        stats = self.layer_stats()
+        if stats is None:
+            return
+        decay = ema_decay(self.coarse_updates, self.ema_max)
+        if self.coarse_fisher is CoarseFisher.kron:
+            batch = nicolaides_moments(stats)
+            if not all(bool(torch.isfinite(m).all()) for m in batch):
+                return
+            if self._moments is None:
+                self._moments = (torch.zeros_like(batch[0]), torch.zeros_like(batch[1]))
+            for run, new in zip(self._moments, batch, strict=True):
+                run.mul_(decay).add_(new, alpha=1.0 - decay)
+        else:
+            bases = self._nicolaides_bases()
+            fisher = exact_coarse_fisher(per_example_projections(stats, bases))
+            if not bool(torch.isfinite(fisher).all()):
+                return
+            if self._exact_fisher is None:
+                self._exact_fisher = torch.zeros_like(fisher)
+            self._exact_fisher.mul_(decay).add_(fisher, alpha=1.0 - decay)
+        self.coarse_updates += 1
+
+    def update_inverses(self) -> None:
+        """K-FAC's inverses; the coarse operator is rebuilt at the next step."""
+        super().update_inverses()
+        self._stale = True
+        self._eig_cache = None
+
+    def refresh_damping(self) -> None:
+        """Re-damp K-FAC's inverses; the coarse operator is rebuilt with the new λ."""
+        super().refresh_damping()
+        self._stale = True
+
+    # ------------------------------------------------------------------ coarse bases
+    def _nicolaides_bases(self) -> list[LayerBasis]:
+        return [normalise_basis(nicolaides_basis(b.shape), self.basis_norm) for b in self.blocks]
+
+    def _eigenpairs(self) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
+        """(d_A, Q_A), (d_G, Q_G) per block: K-FAC's own in eigen mode, else computed and cached."""
+        if self._eig_cache is not None:
+            return self._eig_cache
+        pairs = []
+        for block in self.blocks:
+            if block.mode is DampingMode.eigen:
+                assert block.d_A is not None and block.Q_A is not None
+                assert block.d_G is not None and block.Q_G is not None
+                pairs.append(((block.d_A, block.Q_A), (block.d_G, block.Q_G)))
+                continue
+            eig_a, eig_g = robust_eigh(block.A), robust_eigh(block.G)
+            if eig_a is None or eig_g is None:
+                raise RuntimeError("two-level K-FAC: eigendecomposition of a factor failed")
+            pairs.append(((eig_a[0].clamp_min(0), eig_a[1]), (eig_g[0].clamp_min(0), eig_g[1])))
+        self._eig_cache = pairs
+        return pairs
+
+    def _krylov(self, block: KFACBlock, start: Tensor | None, *, ones: bool) -> LayerBasis:
+        """{r, K^-1 r, …, K^-(nbasis-1) r} on one layer (r = 1 when ``ones``)."""
+        current = torch.ones(block.shape, dtype=block.factor_dtype, device=block.weight.device)
+        vectors = []
+        if not ones:
+            assert start is not None
+            current = start
+            vectors.append(current)
+        for _ in range(self.nbasis - 1):
+            current = block.multiply_inverse(current)
+            vectors.append(current)
+        return dense_basis(torch.stack(vectors), with_ones=ones)
+
+    def _residual(
+        self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
+    ) -> list[Tensor]:
+        """r_i = K_i^-1 res_i with res = g − (F + λI) K^-1 g."""
+        fv = fisher_vector_product(stats, fine)
+        lam = self.damping
+        return [
+            block.multiply_inverse(g - f - lam * u)
+            for block, g, f, u in zip(self.blocks, grads, fv, fine, strict=True)
+        ]
+
+    def build_bases(
+        self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
+    ) -> list[LayerBasis]:
+        """The coarse basis of every layer (normalised) for the current state and gradient."""
+        space = self.coarse_space
+        if space is CoarseSpace.nicolaides:
+            return self._nicolaides_bases()
+        if space is CoarseSpace.spectral:
+            bases = [
+                spectral_basis(eig_a=ea, eig_g=eg, nbasis=self.nbasis)
+                for ea, eg in self._eigenpairs()
+            ]
+        elif space is CoarseSpace.enriched:
+            bases = [
+                enriched_basis(grad=g, eig_a=ea, eig_g=eg, nbasis=self.nbasis)
+                for g, (ea, eg) in zip(grads, self._eigenpairs(), strict=True)
+            ]
+        elif space is CoarseSpace.krylov_nicolaides:
+            bases = [self._krylov(block, None, ones=True) for block in self.blocks]
+        else:
+            res = self._residual(grads, fine, stats)
+            if space is CoarseSpace.residual:
+                bases = [dense_basis(r[None]) for r in res]
+            else:
+                bases = [
+                    self._krylov(b, r, ones=False) for b, r in zip(self.blocks, res, strict=True)
+                ]
+        return [normalise_basis(b, self.basis_norm) for b in bases]
+
+    # ------------------------------------------------------------------ coarse operator
+    def _fisher_for(self, bases: list[LayerBasis], stats: list[LayerStats]) -> Tensor | None:
+        """F_c: running averages for Nicolaides, else from the latest statistics batch."""
+        if self.coarse_space is not CoarseSpace.nicolaides:
+            return coarse_fisher(self.coarse_fisher, stats, bases)
+        if self.coarse_fisher is CoarseFisher.exact:
+            return self._exact_fisher
+        if self._moments is None:
+            return None
+        scales = ones_scales(bases, dtype=self._moments[0].dtype)
+        return kron_nicolaides_fisher(*self._moments, kron_scale(stats), scales)
+
+    def _build_operator(
+        self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
+    ) -> _Operator | None:
+        bases = self.build_bases(grads, fine, stats)
+        fisher = self._fisher_for(bases, stats)
+        if fisher is None:
+            return None
+        damping = coarse_damping(
+            self.coarse_damping, bases, self.damping, dtype=fisher.dtype, device=fisher.device
+        )
+        return _Operator(bases=bases, solver=factor_coarse(fisher, damping), fisher=fisher)
+
+    def coarse_operator(
+        self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
+    ) -> _Operator | None:
+        """The coarse operator for this step: cached, or rebuilt when due."""
+        if self.coarse_space.gradient_dependent:
+            return self._build_operator(grads, fine, stats)
+        if self._stale or self._operator is None:
+            self._operator = self._build_operator(grads, fine, stats)
+            self._stale = self._operator is None
+        return self._operator
+
+    # ------------------------------------------------------------------ preconditioner
+    def precondition(self, grads: list[Tensor]) -> list[Tensor]:
+        """Two-level update matrices from gradient matrices (see the module docstring)."""
+        fine = super().precondition(grads)
+        operator, stats = None, None
+        if self.coarse_active and all(b.has_inverse for b in self.blocks):
+            stats = self.layer_stats()
+            if stats is not None:
+                operator = self.coarse_operator(grads, fine, stats)
+        if operator is None or stats is None:
+            out = fine if self.omega1 == 1.0 else [self.omega1 * u for u in fine]
+        else:
+            out = self.combine(grads, fine, operator, stats)
+        self._last = {"grads": grads, "fine": fine, "update": out, "operator": operator}
+        return out
+
+    def _coarse(self, operator: _Operator, mats: list[Tensor]) -> list[Tensor]:
+        """Q v = ω2 R0^T C^-1 R0 v per layer."""
+        coeffs = operator.solver.solve(restrict(operator.bases, mats))
+        out = prolong(operator.bases, coeffs)
+        return out if self.omega2 == 1.0 else [self.omega2 * m for m in out]
+
+    def _damped_fvp(self, stats: list[LayerStats], mats: list[Tensor]) -> list[Tensor]:
+        """(F + λI) v with the mini-batch Fisher of the latest statistics batch."""
+        lam = self.damping
+        return [f + lam * v for f, v in zip(fisher_vector_product(stats, mats), mats, strict=True)]
+
+    def combine(
+        self,
+        grads: list[Tensor],
+        fine: list[Tensor],
+        operator: _Operator,
+        stats: list[LayerStats],
+    ) -> list[Tensor]:
+        """Combine the fine solve K^-1 g and the coarse operator Q by `combination`."""
+        w1 = self.omega1
+        if self.combination is Combination.additive:
+            coarse = self._coarse(operator, grads)
+            return [w1 * u + c if w1 != 1.0 else u + c for u, c in zip(fine, coarse, strict=True)]
+        if self.combination is Combination.deflated:
+            base = [w1 * u for u in fine] if w1 != 1.0 else fine
+        else:
+            pre = self._coarse(operator, grads)
+            fpre = self._damped_fvp(stats, pre)
+            rest = super().precondition([g - f for g, f in zip(grads, fpre, strict=True)])
+            base = [w1 * u for u in rest] if w1 != 1.0 else rest
+        fbase = self._damped_fvp(stats, base)
+        corr = self._coarse(operator, [g - f for g, f in zip(grads, fbase, strict=True)])
+        return [u + c for u, c in zip(base, corr, strict=True)]
+
+    # ------------------------------------------------------------------ state
+    def curvature_state_dict(self) -> dict[str, Any]:
+        """K-FAC's curvature state plus the running coarse statistics and the built operator."""
+        state = super().curvature_state_dict()
+        operator = None
+        if self._operator is not None and not self.coarse_space.gradient_dependent:
+            operator = {
+                "bases": [
+                    {"ones_scale": b.ones_scale, "vectors": b.vectors, "shape": b.shape}
+                    for b in self._operator.bases
+                ],
+                "eigenvalues": self._operator.solver.eigenvalues,
+                "eigenvectors": self._operator.solver.eigenvectors,
+                "fisher": self._operator.fisher,
+            }
+        state["coarse"] = {
+            "moments": self._moments,
+            "exact_fisher": self._exact_fisher,
+            "updates": self.coarse_updates,
+            "stale": self._stale,
+            "operator": operator,
+        }
+        return state
+
+    def load_curvature_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `curvature_state_dict` saved."""
+        super().load_curvature_state_dict(state)
+        coarse = state.get("coarse")
+        if coarse is None:
+            self._stale = True
+            return
+        device = self.blocks[0].weight.device if self.blocks else torch.device("cpu")
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device).clone()
+
+        moments = coarse["moments"]
+        self._moments = None if moments is None else (move(moments[0]), move(moments[1]))  # type: ignore[assignment]
+        self._exact_fisher = move(coarse["exact_fisher"])
+        self.coarse_updates = int(coarse["updates"])
+        self._stale = bool(coarse["stale"])
+        op = coarse["operator"]
+        self._operator = None
+        if op is not None:
+            bases = [
+                LayerBasis(
+                    shape=(int(b["shape"][0]), int(b["shape"][1])),
+                    ones_scale=b["ones_scale"],
+                    vectors=move(b["vectors"]),
+                )
+                for b in op["bases"]
+            ]
+            solver = CoarseSolver(
+                eigenvalues=op["eigenvalues"].to(device).clone(),
+                eigenvectors=op["eigenvectors"].to(device).clone(),
+            )
+            self._operator = _Operator(bases=bases, solver=solver, fisher=op["fisher"].to(device))
+        elif not self.coarse_space.gradient_dependent:
+            self._stale = True
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self, *, dense_fisher: Tensor | None = None) -> dict[str, float]:
+        """K-FAC's scalars plus curvature diagnostics of the latest step (small models only).
+
+        Against the exact damped natural gradient d* = (F + λI)^-1 g (F the mini-batch Fisher of
+        the latest statistics batch over the K-FAC layers, or ``dense_fisher`` when given):
+        cosines of the K-FAC and two-level updates with d*; their relative errors in the energy
+        norm ‖e‖_{F_λ} / ‖d*‖_{F_λ}; `coarse_energy_gain` = (m(K^-1 g) − m(P^-1 g)) / |m(d*)|
+        with the quadratic model m(d) = −gᵀd + ½ dᵀF_λ d (the fraction of the best decrease the
+        coarse correction adds); the coarse matrix condition number; and the relative Frobenius
+        error of F_c against R0 F R0ᵀ of that batch. Per-example gradients are formed from the
+        captured (ā, g) (B × N); skipped when B·N > DIAGNOSTICS_MAX_ENTRIES.
+        """
+        out = super().diagnostics()
+        last, stats = self._last, self.layer_stats()
+        if last is None or stats is None:
+            return out
+        operator: _Operator | None = last["operator"]
+        if operator is not None:
+            out["coarse_cond"] = operator.solver.condition_number()
+        batch = stats[0].a.shape[0]
+        size = sum(b.shape[0] * b.shape[1] for b in self.blocks)
+        if dense_fisher is None and batch * size > DIAGNOSTICS_MAX_ENTRIES:
+            return out
+        jac = torch.cat(
+            [torch.einsum("bpo,bpi->boi", st.g, st.a).flatten(1).double() for st in stats], dim=1
+        )
+        grad = torch.cat([g.reshape(-1) for g in last["grads"]]).double()
+        lam = self.damping
+        natural = _damped_solve(jac, grad, lam, dense_fisher)
+
+        def fisher_apply(vec: Tensor) -> Tensor:
+            if dense_fisher is not None:
+                return dense_fisher.double() @ vec + lam * vec
+            return jac.T @ (jac @ vec) / batch + lam * vec
+
+        def model(vec: Tensor) -> float:
+            return float(-grad @ vec + 0.5 * vec @ fisher_apply(vec))
+
+        def energy(vec: Tensor) -> float:
+            return float(vec @ fisher_apply(vec)).__abs__() ** 0.5
+
+        best = energy(natural)
+        for key, mats in (("kfac", last["fine"]), ("twolevel", last["update"])):
+            vec = torch.cat([m.reshape(-1) for m in mats]).double()
+            out[f"cos_{key}"] = float(
+                torch.nn.functional.cosine_similarity(vec, natural, dim=0, eps=1e-30)
+            )
+            out[f"energy_err_{key}"] = energy(vec - natural) / best if best > 0 else math.nan
+        fine = torch.cat([m.reshape(-1) for m in last["fine"]]).double()
+        update = torch.cat([m.reshape(-1) for m in last["update"]]).double()
+        optimum = model(natural)
+        out["coarse_energy_gain"] = (
+            (model(fine) - model(update)) / abs(optimum) if optimum != 0 else math.nan
+        )
+        if operator is not None and dense_fisher is None:
+            proj = per_example_projections(stats, operator.bases).double()
+            exact = proj.T @ proj / batch
+            denom = float(exact.norm())
+            diff = float((operator.fisher.double() - exact).norm())
+            out["coarse_fisher_rel_err"] = diff / denom if denom > 0 else math.nan
+        return out
+
+
+def _damped_solve(jac: Tensor, grad: Tensor, lam: float, dense: Tensor | None) -> Tensor:
+    """(F + λI)^-1 g with F = JᵀJ/B (Woodbury, B × B system) or a given dense F."""
+    if dense is not None:
+        eye = torch.eye(dense.shape[0], dtype=torch.float64, device=dense.device)
+        return torch.linalg.solve(dense.double() + lam * eye, grad)
+    batch = jac.shape[0]
+    small = jac @ jac.T + batch * lam * torch.eye(batch, dtype=jac.dtype, device=jac.device)
+    return (grad - jac.T @ torch.linalg.solve(small, jac @ grad)) / lam
+
+
+def build_kfac2(model: nn.Module, cfg: TwoLevelKFACConfig) -> TwoLevelKFAC:
+    """Two-level K-FAC over ``model`` with the settings of ``cfg``."""
+    kwargs = kfac_kwargs(cfg)
+    kwargs["damping_mode"] = parse_enum(DampingMode, kwargs["damping_mode"], setting="damping_mode")
+    kwargs["fisher"] = parse_enum(FisherType, kwargs["fisher"], setting="fisher")
+    return TwoLevelKFAC(
+        model,
+        coarse_space=parse_enum(CoarseSpace, cfg.coarse_space, setting="coarse_space"),
+        nbasis=None if cfg.nbasis is None else int(cfg.nbasis),
+        basis_norm=parse_enum(BasisNorm, cfg.basis_norm, setting="basis_norm"),
+        coarse_fisher=parse_enum(CoarseFisher, cfg.coarse_fisher, setting="coarse_fisher"),
+        coarse_damping=parse_enum(CoarseDamping, cfg.coarse_damping, setting="coarse_damping"),
+        combination=parse_enum(Combination, cfg.combination, setting="combination"),
+        omega1=float(cfg.omega1),
+        omega2=float(cfg.omega2),
+        **kwargs,
+    )
