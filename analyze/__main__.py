@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 
+import matplotlib
+
 from analyze.aggregate import Axis, Band, LossKind
 from analyze.build import BuildOptions, build_all
 from analyze.stats import N_BOOTSTRAP
@@ -84,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = parser().parse_args(argv)
+    matplotlib.use("Agg")  # files only; figures are built as Figure objects, never shown
     if args.bootstrap < 1:
         print("--bootstrap: must be a positive integer", file=sys.stderr)
         return 2

@@ -1,5 +1,8 @@
 """Figures (PNG and PDF): per-benchmark curves, a multi-benchmark main figure, profiles.
 
+Figures are plain ``matplotlib.figure.Figure`` objects (no pyplot state, no GUI); saving renders
+them with the Agg canvas (PNG) and the PDF backend, whatever the session's backend is.
+
 Every mean line carries ``gid = "mean:<legend label>"``, every band ``"band:<label>"`` and every
 diverged run ``"diverged:<run_id>"``, so tests and users can find them on the Axes.
 """

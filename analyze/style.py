@@ -9,10 +9,6 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-
 # Okabe & Ito (2008), "Color Universal Design": distinguishable under common colour blindness.
 OKABE_ITO = {
     "black": "#000000",
@@ -68,7 +64,7 @@ RC: dict[Any, Any] = {
 @contextmanager
 def figure_style() -> Iterator[None]:
     """Apply the suite's rc settings for the figures built inside the block."""
-    with plt.rc_context(RC):
+    with matplotlib.rc_context(RC):
         yield
 
 

@@ -496,13 +496,18 @@ def test_build_filters_and_bad_options(
             results=(written.root,),
             out=tmp_path,
             benchmarks=("curves_ae",),
+            optimizers=("kfac", "kfac2"),
             axes=(Axis.EPOCH,),
             band=Band.MINMAX,
             n_bootstrap=50,
         )
     )
     assert set(output.results.runs["benchmark"]) == {"curves_ae"}
+    assert set(output.results.runs["optimizer"]) == {"kfac", "kfac2"}
     assert not (tmp_path / "mnist_ae_curves.png").exists()
+    assert not (tmp_path / "performance_profile.png").exists()  # no sgd/adam: no target
+    report = (tmp_path / "report.md").read_text()
+    assert "band: min–max over seeds" in report and "## mnist_ae" not in report
     assert (
         main(["--results", str(written.root), "--benchmark", "nope", "--out", str(tmp_path)]) == 2
     )
