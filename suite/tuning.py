@@ -463,7 +463,7 @@ def tune_commands(
 def _run_all(commands: Sequence[list[str]]) -> None:
     for command in commands:
         print("+ " + shlex.join(command), flush=True)
-        done = subprocess.run(command, cwd=REPO, check=False)
+        done = subprocess.run(command, check=False)
         if done.returncode != 0:
             raise SystemExit(f"error: command failed with status {done.returncode}")
 
