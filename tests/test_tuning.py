@@ -69,9 +69,8 @@ def full_grid(root: Path, **kwargs: Any) -> None:
     write_run(root, "b_sgd_lr0.1", optimizer="sgd", val_loss=0.40, hp={"lr": 0.1}, **kwargs)
     hp = {"damping": 0.001}
     write_run(root, "c_kfac_lr0.01", optimizer="kfac", val_loss=0.30, hp={"lr": 0.01, **hp})
-    write_run(
-        root, "d_kfac_lr0.1", optimizer="kfac", status="diverged", val_loss=0.10, hp={"lr": 0.1, **hp}
-    )
+    diverged = {"status": "diverged", "val_loss": 0.10}
+    write_run(root, "d_kfac_lr0.1", optimizer="kfac", hp={"lr": 0.1, **hp}, **diverged)
 
 
 def by_optimizer(selections: list[tuning.Selection]) -> dict[str, tuning.Selection]:
