@@ -1,0 +1,33 @@
+"""A real SLURM round trip: one-node cluster on localhost, a sweep, a requeue and a resume."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+MISSING = [d for d in ("slurmctld", "slurmd", "munged", "sbatch") if shutil.which(d) is None]
+
+
+@pytest.mark.skipif(bool(MISSING), reason=f"SLURM not installed ({', '.join(MISSING)} missing)")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a local SLURM needs root (SlurmUser=root)")
+def test_sweep_and_requeue_through_a_local_slurm() -> None:
+    env = {**os.environ, "PY": sys.executable}
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm_test.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "sweep ok: 2 run folders completed" in done.stderr
+    assert "requeue ok: resumed" in done.stderr
