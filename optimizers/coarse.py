@@ -255,11 +255,19 @@ def restrict(bases: Sequence[LayerBasis], mats: Sequence[Tensor]) -> Tensor:
     return torch.cat(parts)
 
 
-def prolong(bases: Sequence[LayerBasis], coeffs: Tensor) -> list[Tensor]:
-    """R0^T c: per-layer matrices Σ_k c_k r_k."""
+def prolong(bases: Sequence[LayerBasis], coeffs: Tensor, *, dense: bool = True) -> list[Tensor]:
+    """R0^T c: per-layer matrices Σ_k c_k r_k.
+
+    With ``dense=False`` a layer spanned by the all-ones vector alone gets a broadcastable
+    (1, 1) tensor instead of a full matrix (no d_out × d_in' allocation).
+    """
     out: list[Tensor] = []
     start = 0
     for basis in bases:
+        if basis.vectors is None and basis.ones_scale is not None and not dense:
+            out.append((basis.ones_scale * coeffs[start]).reshape(1, 1))
+            start += 1
+            continue
         mat = torch.zeros(basis.shape, dtype=coeffs.dtype, device=coeffs.device)
         if basis.ones_scale is not None:
             mat = mat + basis.ones_scale * coeffs[start]

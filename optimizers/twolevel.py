@@ -99,12 +99,12 @@ class TwoLevelKFACConfig(KFACConfig):
 
     name: str = "kfac2"
     coarse_space: CoarseSpace = CoarseSpace.nicolaides  # paper: one all-ones vector per layer
-    nbasis: int | None = None  # vectors per layer; None: the space's default (DEFAULT_NBASIS)
+    nbasis: int = 1  # vectors per layer (krylov: >= 2; enriched: all-ones + nbasis − 1)
     basis_norm: BasisNorm = BasisNorm.none  # paper: not normalised; Koroko et al.: max
     coarse_fisher: CoarseFisher = CoarseFisher.kron  # paper: kron; Koroko et al.: exact
     coarse_damping: CoarseDamping = CoarseDamping.diagonal  # paper: λ I; Koroko et al.: λ R0 R0^T
     combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
-    omega1: float = 1.0  # weight of the fine level (paper: 1)
+    omega1: float = 1.0  # weight of the fine level (paper: 1); 0 leaves only the coarse step
     omega2: float = 1.0  # weight of the coarse level (paper: 1); 0 gives K-FAC exactly
 
 
@@ -154,8 +154,8 @@ class TwoLevelKFAC(KFAC):
         self.coarse_fisher = parse_enum(CoarseFisher, coarse_fisher, setting="coarse_fisher")
         self.coarse_damping = parse_enum(CoarseDamping, coarse_damping, setting="coarse_damping")
         self.combination = parse_enum(Combination, combination, setting="combination")
-        if not (math.isfinite(omega1) and omega1 > 0):
-            raise ValueError(f"omega1: got {omega1!r}; allowed: a finite number > 0")
+        if not (math.isfinite(omega1) and omega1 >= 0):
+            raise ValueError(f"omega1: got {omega1!r}; allowed: a finite number >= 0")
         if not (math.isfinite(omega2) and omega2 >= 0):
             raise ValueError(f"omega2: got {omega2!r}; allowed: a finite number >= 0")
         self.omega1 = float(omega1)
@@ -169,6 +169,7 @@ class TwoLevelKFAC(KFAC):
         self._stale = True
         self._eig_cache: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
         self._last: dict[str, Any] | None = None
+        self._nondescent: Tensor | None = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -353,13 +354,24 @@ class TwoLevelKFAC(KFAC):
             out = fine if self.omega1 == 1.0 else [self.omega1 * u for u in fine]
         else:
             out = self.combine(grads, fine, operator, stats)
+            if self.combination is not Combination.additive:
+                self._count_nondescent(out, grads)
         self._last = {"grads": grads, "fine": fine, "update": out, "operator": operator}
         return out
 
-    def _coarse(self, operator: _Operator, mats: list[Tensor]) -> list[Tensor]:
-        """Q v = ω2 R0^T C^-1 R0 v per layer."""
+    def _count_nondescent(self, updates: list[Tensor], grads: list[Tensor]) -> None:
+        """Count steps with ⟨Δ, g⟩ <= 0 (possible for deflated/balanced; no host sync)."""
+        pairs = zip(updates, grads, strict=True)
+        vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for u, g in pairs]).sum()
+        flag = (vg <= 0).to(torch.float64)
+        self._nondescent = flag if self._nondescent is None else self._nondescent + flag
+
+    def _coarse(
+        self, operator: _Operator, mats: list[Tensor], *, dense: bool = True
+    ) -> list[Tensor]:
+        """Q v = ω2 R0^T C^-1 R0 v per layer (all-ones layers broadcastable unless ``dense``)."""
         coeffs = operator.solver.solve(restrict(operator.bases, mats))
-        out = prolong(operator.bases, coeffs)
+        out = prolong(operator.bases, coeffs, dense=dense)
         return out if self.omega2 == 1.0 else [self.omega2 * m for m in out]
 
     def _damped_fvp(self, stats: list[LayerStats], mats: list[Tensor]) -> list[Tensor]:
@@ -377,7 +389,7 @@ class TwoLevelKFAC(KFAC):
         """Combine the fine solve K^-1 g and the coarse operator Q by `combination`."""
         w1 = self.omega1
         if self.combination is Combination.additive:
-            coarse = self._coarse(operator, grads)
+            coarse = self._coarse(operator, grads, dense=False)
             return [w1 * u + c if w1 != 1.0 else u + c for u, c in zip(fine, coarse, strict=True)]
         if self.combination is Combination.deflated:
             base = [w1 * u for u in fine] if w1 != 1.0 else fine
@@ -411,6 +423,7 @@ class TwoLevelKFAC(KFAC):
             "updates": self.coarse_updates,
             "stale": self._stale,
             "operator": operator,
+            "nondescent": self._nondescent,
         }
         return state
 
@@ -431,6 +444,7 @@ class TwoLevelKFAC(KFAC):
         self._exact_fisher = move(coarse["exact_fisher"])
         self.coarse_updates = int(coarse["updates"])
         self._stale = bool(coarse["stale"])
+        self._nondescent = move(coarse.get("nondescent"))
         op = coarse["operator"]
         self._operator = None
         if op is not None:
@@ -464,6 +478,7 @@ class TwoLevelKFAC(KFAC):
         captured (ā, g) (B × N); skipped when B·N > DIAGNOSTICS_MAX_ENTRIES.
         """
         out = super().diagnostics()
+        out["nondescent_steps"] = 0.0 if self._nondescent is None else float(self._nondescent)
         last, stats = self._last, self.layer_stats()
         if last is None or stats is None:
             return out

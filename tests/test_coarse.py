@@ -4,16 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from test_coarse_support import (
-    capture_stats,
-    dense_restriction,
-    flat,
-    make_batch,
-    make_net,
-    per_example_jacobian,
-    unflat,
-)
 from torch import Tensor
 
 from optimizers.coarse import (
@@ -39,6 +29,17 @@ from optimizers.coarse import (
     restrict,
     spectral_basis,
 )
+from tests.test_coarse_support import (
+    capture_stats,
+    dense_restriction,
+    explicit_kron_fisher,
+    flat,
+    grid_index_reference,
+    make_batch,
+    make_net,
+    per_example_jacobian,
+    unflat,
+)
 
 BATCH = 5
 
@@ -60,30 +61,6 @@ def random_bases(stats: list[LayerStats], *, seed: int, ones: bool) -> list[Laye
         vecs = torch.randn(k, *st.shape, generator=gen, dtype=torch.float64)
         bases.append(dense_basis(vecs, with_ones=ones))
     return bases
-
-
-def grid_index_reference(src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
-    """Source positions picked by torch's nearest-exact down-sampling, flattened."""
-    index = torch.arange(src[0] * src[1], dtype=torch.float64).reshape(1, 1, *src)
-    return F.interpolate(index, size=dst, mode="nearest-exact").reshape(-1).long()
-
-
-def explicit_kron_fisher(stats: list[LayerStats]) -> Tensor:
-    """Full cross-layer Kronecker Fisher c_ij (G_ij ⊗ Ā_ij) (row-major vec) from explicit blocks."""
-    scale = kron_scale(stats)
-    rows = []
-    for i, si in enumerate(stats):
-        row = []
-        for j, sj in enumerate(stats):
-            grid = (min(si.grid[0], sj.grid[0]), min(si.grid[1], sj.grid[1]))
-            ii, jj = grid_index_reference(si.grid, grid), grid_index_reference(sj.grid, grid)
-            a_i, a_j = si.a[:, ii].flatten(0, 1), sj.a[:, jj].flatten(0, 1)
-            g_i, g_j = si.g[:, ii].flatten(0, 1), sj.g[:, jj].flatten(0, 1)
-            cross_a = a_i.T @ a_j / a_i.shape[0]
-            cross_g = g_i.T @ g_j / g_i.shape[0]
-            row.append(scale[i, j] * torch.kron(cross_g, cross_a))
-        rows.append(torch.cat(row, dim=1))
-    return torch.cat(rows, dim=0)
 
 
 def test_stats_reproduce_autograd_per_example_gradients(setup: tuple) -> None:

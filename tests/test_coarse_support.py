@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.losses import Likelihood
-from optimizers.coarse import LayerBasis, LayerStats
+from optimizers.coarse import LayerBasis, LayerStats, kron_scale
 
 torch.set_num_threads(1)
 
@@ -79,7 +79,7 @@ def _unfold(module: nn.Module, x: Tensor) -> Tensor:
 
 
 def capture_stats(
-    model: nn.Module, x: Tensor, y: Tensor, *, likelihood: Likelihood = Likelihood.GAUSSIAN
+    model: nn.Module, x: Tensor, y: Tensor, *, likelihood: Likelihood = Likelihood.gaussian
 ) -> list[LayerStats]:
     """Exact per-example (ā, g) of every K-FAC layer for the per-example losses ℓ_n(x, y)."""
     layers = kfac_layers(model)
@@ -118,7 +118,7 @@ def layer_matrix(module: nn.Module, weight: Tensor, bias: Tensor | None) -> Tens
 
 
 def per_example_jacobian(
-    model: nn.Module, x: Tensor, y: Tensor, *, likelihood: Likelihood = Likelihood.GAUSSIAN
+    model: nn.Module, x: Tensor, y: Tensor, *, likelihood: Likelihood = Likelihood.gaussian
 ) -> Tensor:
     """Per-example gradients of ℓ_n over the K-FAC parameters, (B, N), by torch.func."""
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -168,3 +168,27 @@ def dense_restriction(bases: list[LayerBasis]) -> Tensor:
             rows.append(row)
         offset += size
     return torch.stack(rows)
+
+
+def grid_index_reference(src: tuple[int, int], dst: tuple[int, int]) -> Tensor:
+    """Source positions picked by torch's nearest-exact down-sampling, flattened."""
+    index = torch.arange(src[0] * src[1], dtype=torch.float64).reshape(1, 1, *src)
+    return F.interpolate(index, size=dst, mode="nearest-exact").reshape(-1).long()
+
+
+def explicit_kron_fisher(stats: list[LayerStats]) -> Tensor:
+    """Full cross-layer Kronecker Fisher c_ij (G_ij ⊗ Ā_ij) (row-major vec) from explicit blocks."""
+    scale = kron_scale(stats)
+    rows = []
+    for i, si in enumerate(stats):
+        row = []
+        for j, sj in enumerate(stats):
+            grid = (min(si.grid[0], sj.grid[0]), min(si.grid[1], sj.grid[1]))
+            ii, jj = grid_index_reference(si.grid, grid), grid_index_reference(sj.grid, grid)
+            a_i, a_j = si.a[:, ii].flatten(0, 1), sj.a[:, jj].flatten(0, 1)
+            g_i, g_j = si.g[:, ii].flatten(0, 1), sj.g[:, jj].flatten(0, 1)
+            cross_a = a_i.T @ a_j / a_i.shape[0]
+            cross_g = g_i.T @ g_j / g_i.shape[0]
+            row.append(scale[i, j] * torch.kron(cross_g, cross_a))
+        rows.append(torch.cat(row, dim=1))
+    return torch.cat(rows, dim=0)
