@@ -1,0 +1,108 @@
+"""Peak memory of one method's training steps, each in a fresh subprocess.
+
+The child (`python -m bench.memory '<json>'`) imports torch, builds the problem and the model,
+records its peak resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`; on CUDA
+`torch.cuda.max_memory_allocated`) as the baseline, then builds the optimizer and runs a few
+steps (the first step of a K-FAC-family method computes statistics, inverses and the
+preconditioned update, so every buffer exists by then) and records the peak again. It prints
+one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+KIB = 1024
+
+
+def _maxrss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * KIB
+
+
+def child(request: dict[str, Any]) -> dict[str, Any]:
+    """Measure in this process (the subprocess side)."""
+    import torch
+
+    from bench.methods import Method
+    from bench.problems import ProblemName, build_problem
+    from bench.timing import Contender
+
+    torch.set_num_threads(int(request["threads"]))
+    device = torch.device(request["device"])
+    problem = build_problem(
+        ProblemName(request["problem"]), batch=int(request["batch"]), device=device
+    )
+    method = Method.from_json(request["method"])
+    cuda = device.type == "cuda"
+    model = problem.new_model()
+    del model
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+    contender = Contender(method=method, problem=problem)
+    for _ in range(int(request["steps"])):
+        contender.step()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+    return {
+        "baseline_bytes": baseline,
+        "peak_bytes": peak,
+        "increment_bytes": peak - baseline,
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss",
+        "steps": int(request["steps"]),
+    }
+
+
+def measure(
+    *,
+    problem: str,
+    batch: int,
+    method_json: str,
+    steps: int,
+    threads: int,
+    device: str,
+    timeout_s: float = 600.0,
+) -> dict[str, Any]:
+    """Run the child in a fresh interpreter and return its measurement."""
+    request = {
+        "problem": problem,
+        "batch": batch,
+        "method": method_json,
+        "steps": steps,
+        "threads": threads,
+        "device": device,
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.memory", json.dumps(request)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory subprocess failed for {problem}: {last}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the child."""
+    if len(argv) != 1:
+        print("usage: python -m bench.memory '<json request>'", file=sys.stderr)
+        return 2
+    print(json.dumps(child(json.loads(argv[0]))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
