@@ -498,16 +498,21 @@ class CoarseSolver:
 
     eigenvalues: Tensor
     eigenvectors: Tensor
+    pseudo_inverse: Tensor  # C^+ (m × m): eigenvalues under COARSE_PINV_RTOL·max count as 0
+
+    @classmethod
+    def from_eigen(cls, eigenvalues: Tensor, eigenvectors: Tensor) -> CoarseSolver:
+        """A solver from the eigenpairs of C; its pseudo-inverse is formed once here."""
+        vals = eigenvalues
+        cutoff = COARSE_PINV_RTOL * vals.abs().max().clamp_min(torch.finfo(vals.dtype).tiny)
+        keep = vals > cutoff
+        inv = torch.where(keep, 1.0 / torch.where(keep, vals, torch.ones_like(vals)), 0.0)
+        pinv = (eigenvectors * inv) @ eigenvectors.T
+        return cls(eigenvalues=vals, eigenvectors=eigenvectors, pseudo_inverse=pinv)
 
     def solve(self, rhs: Tensor) -> Tensor:
-        """C^-1 rhs for a vector or columns; eigenvalues under COARSE_PINV_RTOL·max count as 0."""
-        vals = self.eigenvalues
-        keep = vals > COARSE_PINV_RTOL * vals.abs().max().clamp_min(torch.finfo(vals.dtype).tiny)
-        inv = torch.where(keep, 1.0 / torch.where(keep, vals, torch.ones_like(vals)), 0.0)
-        vecs = self.eigenvectors
-        inv = inv.reshape(-1, *([1] * (rhs.dim() - 1)))
-        sol = vecs @ (inv * (vecs.T @ rhs.to(vecs.dtype)))
-        return sol.to(rhs.dtype)
+        """C^+ rhs for a vector or a matrix of columns."""
+        return (self.pseudo_inverse @ rhs.to(self.pseudo_inverse.dtype)).to(rhs.dtype)
 
     def matrix(self) -> Tensor:
         """The dense coarse matrix C."""
@@ -535,4 +540,4 @@ def factor_coarse(fisher: Tensor, damping: Tensor) -> CoarseSolver:
     """Factor C = psd(F_c) + D_c in float64."""
     mat = psd_part(fisher.double()) + 0.5 * (damping.double() + damping.double().T)
     vals, vecs = torch.linalg.eigh(0.5 * (mat + mat.T))
-    return CoarseSolver(eigenvalues=vals, eigenvectors=vecs)
+    return CoarseSolver.from_eigen(vals, vecs)

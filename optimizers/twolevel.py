@@ -28,6 +28,12 @@ When the coarse operator is (re)built:
 
 The coarse solve factors C in float64; its Fisher part is projected onto the PSD cone first (a
 no-op except for `kron` across conv maps of different size, see `optimizers.coarse`).
+
+Stability. The additive preconditioner is symmetric positive definite, so ⟨Δ, g⟩ > 0 and K-FAC's
+KL clip bounds the step. Deflated and balanced are not symmetric: the projector property
+(I − Q F_λ)² = I − Q F_λ needs C = R0 F_λ R0^T (`exact` + `projected`), and even then ⟨Δ, g⟩ can
+be negative when K-FAC's K and the mini-batch F_λ differ much (small λ, small batches); the KL
+clip then leaves the step unscaled. Such steps are counted (`nondescent_steps`).
 """
 
 from __future__ import annotations
@@ -456,9 +462,8 @@ class TwoLevelKFAC(KFAC):
                 )
                 for b in op["bases"]
             ]
-            solver = CoarseSolver(
-                eigenvalues=op["eigenvalues"].to(device).clone(),
-                eigenvectors=op["eigenvectors"].to(device).clone(),
+            solver = CoarseSolver.from_eigen(
+                op["eigenvalues"].to(device).clone(), op["eigenvectors"].to(device).clone()
             )
             self._operator = _Operator(bases=bases, solver=solver, fisher=op["fisher"].to(device))
         elif not self.coarse_space.gradient_dependent:
@@ -475,7 +480,8 @@ class TwoLevelKFAC(KFAC):
         with the quadratic model m(d) = −gᵀd + ½ dᵀF_λ d (the fraction of the best decrease the
         coarse correction adds); the coarse matrix condition number; and the relative Frobenius
         error of F_c against R0 F R0ᵀ of that batch. Per-example gradients are formed from the
-        captured (ā, g) (B × N); skipped when B·N > DIAGNOSTICS_MAX_ENTRIES.
+        captured (ā, g) (B × N); skipped when B·N > DIAGNOSTICS_MAX_ENTRIES. Always reported:
+        `coarse_cond` and `nondescent_steps` (steps so far with ⟨Δ, g⟩ <= 0; deflated/balanced).
         """
         out = super().diagnostics()
         out["nondescent_steps"] = 0.0 if self._nondescent is None else float(self._nondescent)
