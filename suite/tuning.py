@@ -397,16 +397,28 @@ def tuning_record(experiment: str, overrides: Sequence[str] = ()) -> dict[str, A
             "data.val_fraction", "is 0 in a tuning preset; allowed: a number in (0, 1)"
         )
     for optimizer, grid in record["grid"].items():
-        optimizer_cfg = compose_job(
-            [f"experiment={experiment}", f"optimizer={optimizer}"]
-        ).optimizer
+        known = optimizer_settings(optimizer)
         for key in grid:
-            if key not in optimizer_cfg:
+            if key not in known:
                 raise ConfigError(
                     f"tuning.grid.{optimizer}.{key}",
                     f"optimizer '{optimizer}' has no setting '{key}'",
                 )
     return record
+
+
+def optimizer_settings(preset: str) -> set[str]:
+    """Settings of an optimizer preset, from its family's schema (no composition needed)."""
+    from dataclasses import fields
+
+    from optimizers.registry import FAMILIES
+    from suite.preflight import CONF_DIR, group_options
+
+    if preset not in group_options("optimizer"):
+        allowed = ", ".join(group_options("optimizer"))
+        raise ConfigError("tuning.grid", f"unknown optimizer preset '{preset}'; allowed: {allowed}")
+    family = yaml.safe_load((CONF_DIR / "optimizer" / f"{preset}.yaml").read_text())["name"]
+    return {f.name for f in fields(FAMILIES[family].schema)}
 
 
 def check_record(record: dict[str, Any]) -> None:
