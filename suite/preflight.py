@@ -18,7 +18,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from suite.errors import ConfigError
-from suite.validate import validate_config
+from suite.validate import check_writable, validate_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_JOBS_CHECKED = 512
@@ -133,8 +133,13 @@ def preflight(argv: list[str]) -> None:
         if planned is None:
             return
         config_name, jobs = planned
+        roots: set[Path] = set()
         for overrides in jobs:
-            validate_config(compose_job(overrides, config_name=config_name))
+            cfg = compose_job(overrides, config_name=config_name)
+            validate_config(cfg)
+            roots.add(Path(str(cfg.results.root)))
+        for root in sorted(roots):
+            check_writable(root)
     except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
