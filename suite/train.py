@@ -226,9 +226,13 @@ class Trainer:
         if resume_from is None and self.ctx.job_dir is not None:
             pointer = self.ctx.job_dir / POINTER_FILE
             if pointer.exists():
-                candidate = Path(pointer.read_text().strip())
-                if (candidate / "checkpoint.pt").exists():
-                    resume_from = str(candidate)
+                candidate = RunFolder(Path(pointer.read_text().strip()))
+                resumable = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
+                if (
+                    candidate.checkpoint_path.exists()
+                    and candidate.read_summary().get("status") in resumable
+                ):
+                    resume_from = str(candidate.path)
         if resume_from is not None:
             folder = RunFolder(Path(resume_from))
             if not folder.checkpoint_path.exists():
