@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Measures what the joblib launcher buys on this machine: the same 4-job sweep (2 optimizers x
+# 2 seeds of a short MNIST-autoencoder run on the offline subset) run
+#   A. sequentially in one process (launcher=local), torch using $THREADS threads per job;
+#   B. in parallel (launcher=joblib: 2 worker processes, trainer.threads=1 each).
+# Prints both wall-clock times and the speed-up A/B. Run it on an otherwise idle machine:
+# other work on the same cores distorts the ratio (run-to-run noise is +-10-20 % here).
+#
+#   bash scripts/sweep_speed.sh            # EPOCHS=2 MAX_TRAIN=2000 BATCH=100 THREADS=2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-${VENV:-.venv}/bin/python}
+EPOCHS=${EPOCHS:-2}
+MAX_TRAIN=${MAX_TRAIN:-2000}
+BATCH=${BATCH:-100}
+THREADS=${THREADS:-$(nproc)}
+work=$(mktemp -d /tmp/sweep-speed.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+export WANDB_MODE=disabled
+
+sweep=(
+  -m optimizer=sgd,adam trainer.seed=0,1 model=mnist_ae data.source=offline
+  "data.max_train=$MAX_TRAIN" "trainer.batch_size=$BATCH" "trainer.epochs=$EPOCHS"
+  trainer.eval_batch_size=1000 logger=none trainer.progress=false
+)
+
+timed() {  # NAME OVERRIDES...: run the sweep, print its wall-clock seconds
+  local name=$1
+  shift
+  local t0 t1
+  t0=$(date +%s.%N)
+  "$PY" run.py "${sweep[@]}" "$@" results.root="$work/$name/results" \
+    hydra.sweep.dir="$work/$name/sweep" >"$work/$name.log" 2>&1 ||
+    { cat "$work/$name.log" >&2; exit 1; }
+  t1=$(date +%s.%N)
+  local runs
+  runs=$(find "$work/$name/results" -name summary.json | wc -l)
+  [ "$runs" -eq 4 ] || { echo "sweep_speed: $name wrote $runs run folders, expected 4" >&2; exit 1; }
+  "$PY" -c "print(f'{$t1 - $t0:.1f}')"
+}
+
+echo "sweep_speed: 4 jobs (sgd, adam x seeds 0, 1), mnist_ae, $MAX_TRAIN examples, batch $BATCH," \
+  "$EPOCHS epochs, $(nproc) cores" >&2
+seq_s=$(timed sequential launcher=local "trainer.threads=$THREADS")
+echo "sweep_speed: sequential (launcher=local, $THREADS threads/job): $seq_s s" >&2
+par_s=$(timed parallel launcher=joblib)
+echo "sweep_speed: parallel (launcher=joblib, n_jobs=2, 1 thread/job): $par_s s" >&2
+"$PY" -c "print(f'sweep_speed: speed-up sequential/parallel = {$seq_s / $par_s:.2f}x')"
