@@ -271,6 +271,48 @@ class Throughput:
     repeats: int
 
 
+class MatmulProbe:
+    """A preallocated n×n×n float32 matmul, timed on demand (interleaved with the steps)."""
+
+    def __init__(
+        self,
+        *,
+        size: int = MATMUL_SIZE,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        self.size = size
+        self.dtype = dtype
+        self.device = device or torch.device("cpu")
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        self.a = torch.randn(size, size, generator=gen, dtype=dtype).to(self.device)
+        self.b = torch.randn(size, size, generator=gen, dtype=dtype).to(self.device)
+        self.out = torch.empty(size, size, dtype=dtype, device=self.device)
+        self.times: list[float] = []
+        torch.matmul(self.a, self.b, out=self.out)
+
+    def run(self) -> float:
+        """Time one product; the time is also kept in ``times``."""
+        _sync(self.device)
+        start = time.perf_counter()
+        torch.matmul(self.a, self.b, out=self.out)
+        _sync(self.device)
+        elapsed = time.perf_counter() - start
+        self.times.append(elapsed)
+        return elapsed
+
+    def result(self) -> Throughput:
+        """Median throughput over the products timed so far."""
+        seconds = statistics.median(self.times)
+        return Throughput(
+            size=self.size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            seconds=seconds,
+            flops_per_s=2.0 * self.size**3 / seconds,
+            repeats=len(self.times),
+        )
+
+
 def matmul_throughput(
     *,
     size: int = MATMUL_SIZE,
@@ -279,27 +321,10 @@ def matmul_throughput(
     device: torch.device | None = None,
 ) -> Throughput:
     """Median throughput of an n×n×n matmul (after one warm-up product)."""
-    device = device or torch.device("cpu")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
-    b = torch.randn(size, size, generator=gen, dtype=dtype).to(device)
-    out = torch.empty(size, size, dtype=dtype, device=device)
-    torch.matmul(a, b, out=out)
-    times = []
+    probe = MatmulProbe(size=size, dtype=dtype, device=device)
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        torch.matmul(a, b, out=out)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
-    return Throughput(
-        size=size,
-        dtype=str(dtype).removeprefix("torch."),
-        seconds=seconds,
-        flops_per_s=2.0 * size**3 / seconds,
-        repeats=repeats,
-    )
+        probe.run()
+    return probe.result()
 
 
 def _sync(device: torch.device) -> None:

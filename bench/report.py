@@ -52,7 +52,7 @@ def _meta(result: dict[str, Any]) -> list[str]:
         f"- Matmul {thr['before']['size']}³ {thr['before']['dtype']}: "
         f"{thr['before']['flops_per_s'] / 1e9:.1f} GFLOP/s at the start, "
         f"{thr['after']['flops_per_s'] / 1e9:.1f} at the end (drift {thr['drift']:.2f}); "
-        "floors use the start value",
+        "the floors use the same matmul timed once per round, interleaved with the steps",
         f"- Timed step: {meta['timed_step']}; wall time of the run {meta['elapsed_s']:.0f} s",
         "",
         "Step time = median over repeats of the mean step of a repeat (whole T_inv cycles: the "
@@ -69,6 +69,8 @@ def _groups(name: str, problem: dict[str, Any]) -> list[str]:
     for label, group in problem["groups"].items():
         lines += [f"### {label} (T_cov={group['periods']['cov']}, T_inv={group['periods']['inv']})"]
         lines.append("")
+        gflops = group["throughput"]["flops_per_s"] / 1e9
+        lines += [f"Matmul during the group: {gflops:.1f} GFLOP/s.", ""]
         rows = []
         for method, e in group["methods"].items():
             rows.append(

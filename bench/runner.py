@@ -12,6 +12,7 @@ import torch
 
 from bench.floors import (
     LayerShape,
+    MatmulProbe,
     Periods,
     Stage,
     StageFlops,
@@ -78,11 +79,10 @@ def time_group(
     periods: Periods,
     settings: BenchSettings,
     *,
-    throughput: float,
     layers: list[LayerShape],
     log: Log,
 ) -> dict[str, Any]:
-    """Interleaved timing of every method at one pair of periods."""
+    """Interleaved timing of every method at one pair of periods, with the matmul probe."""
     methods = _selected(methods_for(periods), settings)
     steps = steps_per_repeat(periods, min_steps=settings.min_steps)
     log(
@@ -90,13 +90,17 @@ def time_group(
         f"{settings.repeats} repeats × {steps} steps"
     )
     contenders = [Contender(method=m, problem=problem, seed=settings.seed) for m in methods]
+    probe = MatmulProbe(device=problem.device)
     times = interleave(
         contenders,
         warmup=settings.warmup,
         repeats=settings.repeats,
         steps=steps,
+        probe=probe.run,
         progress=lambda text: log(f"  {periods.label} {text}"),
     )
+    measured = probe.result()
+    throughput = measured.flops_per_s
     entries: dict[str, dict[str, Any]] = {}
     for contender in contenders:
         method = contender.method
@@ -122,6 +126,7 @@ def time_group(
         "steps_per_repeat": steps,
         "repeats": settings.repeats,
         "warmup": settings.warmup,
+        "throughput": vars(measured),
         "methods": entries,
     }
 
@@ -130,7 +135,6 @@ def stage_group(
     problem: Problem,
     settings: BenchSettings,
     *,
-    throughput: float,
     layers: list[LayerShape],
     groups: dict[str, Any],
     log: Log,
@@ -142,24 +146,31 @@ def stage_group(
     for method in methods:
         log(f"{problem.spec.name.value} stages: {method.label}")
         contender = Contender(method=method, problem=problem, seed=settings.seed)
+        probe = MatmulProbe(device=problem.device)
         times = measure_stages(
-            contender, warmup=settings.warmup, steps=settings.stage_steps, device=problem.device
+            contender,
+            warmup=settings.warmup,
+            steps=settings.stage_steps,
+            device=problem.device,
+            probe=probe.run,
         )
+        measured = probe.result()
         medians = stage_medians(times)
-        floors = floor_seconds(method, layers, problem.batch, throughput)
+        floors = floor_seconds(method, layers, problem.batch, measured.flops_per_s)
         predicted: dict[str, Any] = {}
         for label, group in groups.items():
-            measured = group["methods"].get(method.label)
+            timed = group["methods"].get(method.label)
             periods = Periods(**group["periods"])
             estimate = amortised_from_stages(medians, periods)
             predicted[label] = {
                 "from_stages_s": estimate,
-                "measured_s": None if measured is None else measured["amortised_s"],
-                "crosscheck": None if measured is None else estimate / measured["amortised_s"],
+                "measured_s": None if timed is None else timed["amortised_s"],
+                "crosscheck": None if timed is None else estimate / timed["amortised_s"],
             }
         out[method.label] = {
             "periods": settings.stage_periods.label,
             "steps": len(times.steps),
+            "throughput": vars(measured),
             "stages": breakdown(medians, floors),
             "amortised": predicted,
         }
@@ -209,11 +220,8 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
         batch = batch_for(name, settings)
         problem = build_problem(name, batch=batch, device=device, seed=settings.seed)
         layers = problem.layers()
-        throughput = before.flops_per_s
         groups = {
-            periods.label: time_group(
-                problem, periods, settings, throughput=throughput, layers=layers, log=log
-            )
+            periods.label: time_group(problem, periods, settings, layers=layers, log=log)
             for periods in settings.periods
         }
         entry: dict[str, Any] = {
@@ -228,9 +236,7 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
             "groups": groups,
         }
         if settings.stages:
-            entry["stages"] = stage_group(
-                problem, settings, throughput=throughput, layers=layers, groups=groups, log=log
-            )
+            entry["stages"] = stage_group(problem, settings, layers=layers, groups=groups, log=log)
         if settings.memory:
             entry["memory"] = memory_group(problem, settings, log=log)
         problems[name.value] = entry
@@ -247,8 +253,8 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
         "throughput": {
             "before": vars(before),
             "after": vars(after),
-            "used_flops_per_s": before.flops_per_s,
             "drift": after.flops_per_s / before.flops_per_s,
+            "floors_use": "the probe interleaved with each group's (and stage run's) steps",
         },
         "problems": problems,
     }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,9 +158,14 @@ class StageTimes:
 
 
 def measure_stages(
-    contender: Contender, *, warmup: int, steps: int, device: torch.device
+    contender: Contender,
+    *,
+    warmup: int,
+    steps: int,
+    device: torch.device,
+    probe: Callable[[], float] | None = None,
 ) -> StageTimes:
-    """Run ``warmup`` then ``steps`` instrumented steps of one contender."""
+    """Run ``warmup`` then ``steps`` instrumented steps of one contender (``probe`` after each)."""
     watch = Stopwatch(device)
     instrument(contender.optimizer, watch)
     out = StageTimes()
@@ -174,6 +179,8 @@ def measure_stages(
             out.steps.append(times)
             out.classes.append(kind)
             out.totals.append(total)
+            if probe is not None:
+                probe()
     return out
 
 

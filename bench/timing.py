@@ -137,11 +137,13 @@ def interleave(
     warmup: int,
     repeats: int,
     steps: int,
+    probe: Callable[[], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, StepTimes]:
     """Round-robin timing: each repeat runs ``steps`` steps of every contender, one at a time.
 
-    The order rotates every step so no method always follows the same one.
+    The order rotates every step so no method always follows the same one. ``probe`` (the
+    matmul of the floors) runs once per round, so the floors see the same machine state.
     """
     for contender in contenders:
         for _ in range(warmup):
@@ -157,6 +159,8 @@ def interleave(
                 elapsed, kind = contender.step()
                 seconds[contender.method.label].append(elapsed)
                 classes[contender.method.label].append(kind)
+            if probe is not None:
+                probe()
         for label in out:
             out[label].seconds.append(seconds[label])
             out[label].classes.append(classes[label])

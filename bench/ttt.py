@@ -17,7 +17,7 @@ import torch
 from suite.store import atomic_write_json, atomic_write_text, find_run_folders, read_run
 
 # Per-example Bernoulli NLL summed over the 784 pixels (nats), on the 4,000 offline training digits.
-TARGET_LOSS = 100.0
+TARGET_LOSS = 150.0
 TRAIN_EXAMPLES = 4000  # mnist-5k: the offline real subset's training part
 
 

@@ -27,6 +27,7 @@ from bench.floors import (
     stage_floor_flops,
     stage_flops,
 )
+from bench.memory import measure as measure_memory
 from bench.methods import Method
 from bench.problems import ProblemName, build_problem
 from bench.stages import Stopwatch
@@ -40,9 +41,9 @@ REL = 1e-12
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
-    """One quick run on the toy problem: 2 repeats, SGD, Adam-free subset, memory included."""
+    """One quick run on the toy problem: 2 repeats, SGD, K-FAC and kfac2 (memory: its own test)."""
     out = tmp_path_factory.mktemp("bench")
-    args = ["--quick", "--problems", "toy", "--periods", "1/2,2/4", "--threads", "1"]
+    args = ["--quick", "--problems", "toy", "--periods", "1/2,2/4", "--threads", "1", "--no-memory"]
     args += ["--methods", "kfac[factored],kfac2", "--repeats", "2", "--out", str(out)]
     assert main(args) == 0
     return json.loads((out / "bench.json").read_text()), out
@@ -65,8 +66,17 @@ def test_json_structure(smoke: tuple[dict[str, Any], Path]) -> None:
     assert set(toy["stages"]) == {"sgd", "kfac[factored]", "kfac2"}
     assert "coarse_correction" in toy["stages"]["kfac2"]["stages"]
     assert "coarse_correction" not in toy["stages"]["kfac[factored]"]["stages"]
-    assert set(toy["memory"]) == {"sgd", "kfac[factored]", "kfac2"}
-    assert all(m["peak_bytes"] >= m["baseline_bytes"] > 0 for m in toy["memory"].values())
+    assert "memory" not in toy
+
+
+def test_memory_is_measured_in_a_fresh_subprocess() -> None:
+    method = Method(label="kfac", preset="kfac", overrides={"damping_mode": "factored"})
+    found = measure_memory(
+        problem="toy", batch=8, method_json=method.to_json(), steps=2, threads=1, device="cpu"
+    )
+    assert found["measure"] == "ru_maxrss"
+    assert found["peak_bytes"] >= found["baseline_bytes"] > 0
+    assert found["increment_bytes"] == found["peak_bytes"] - found["baseline_bytes"]
 
 
 def test_ratios_come_from_the_medians(smoke: tuple[dict[str, Any], Path]) -> None:
