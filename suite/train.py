@@ -471,7 +471,8 @@ class Trainer:
                 order = batch_order(
                     train.x.shape[0], seed=int(cfg.seed), epoch=p.epoch, device=self.device
                 )
-                while p.batch_in_epoch < self.steps_per_epoch and p.step < self.total_steps:
+                epoch_done = False
+                while not epoch_done and p.step < self.total_steps:
                     idx = order[p.batch_in_epoch * batch : (p.batch_in_epoch + 1) * batch]
                     x, target = train.x[idx], train_targets[idx]
                     start = time.perf_counter()
@@ -493,7 +494,8 @@ class Trainer:
                     bar.set_postfix(
                         epoch=f"{p.step / self.steps_per_epoch:.2f}", loss=f"{loss:.4g}"
                     )
-                    if p.batch_in_epoch == self.steps_per_epoch:
+                    epoch_done = p.batch_in_epoch == self.steps_per_epoch
+                    if epoch_done:  # the next batch comes from the next epoch's order
                         p.epoch += 1
                         p.batch_in_epoch = 0
                         if self.scheduler is not None:

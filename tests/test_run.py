@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 import pytest
 
 from suite.store import RunStatus, find_run_folders, read_run
@@ -97,3 +98,25 @@ def test_in_process_run_records_identity_and_per_output_loss(run_job) -> None:  
     last = run.evals.iloc[-1]
     assert last["train_loss_per_output"] == pytest.approx(last["train_loss"] / 784)
     assert len(run.steps) == 8 and run.steps["epoch"].iloc[-1] == 2.0
+
+
+def test_each_epoch_visits_every_example_once_in_a_new_order(tmp_path: Path) -> None:
+    from suite.preflight import compose_with_choices
+    from suite.train import RunContext, Trainer
+
+    cfg, choices = compose_with_choices([*FAST, "optimizer=sgd", f"results.root={tmp_path}"])
+    trainer = Trainer(cfg, RunContext(choices["model"], choices["optimizer"]))
+    seen: list[torch.Tensor] = []
+    original = trainer._step
+
+    def spy(x: torch.Tensor, target: torch.Tensor) -> float:
+        seen.append(x.reshape(x.shape[0], -1).sum(dim=1))
+        return original(x, target)
+
+    trainer._step = spy  # type: ignore[method-assign]
+    assert trainer.run() is RunStatus.COMPLETED
+    train_sums = trainer.data.train.x.reshape(400, -1).sum(dim=1)
+    epochs = [torch.cat(seen[:4]), torch.cat(seen[4:])]
+    for epoch in epochs:
+        assert torch.equal(epoch.sort().values, train_sums.sort().values)
+    assert not torch.equal(epochs[0], epochs[1])
