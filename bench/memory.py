@@ -48,8 +48,10 @@ def child(request: dict[str, Any]) -> dict[str, Any]:
     from bench.methods import Method
     from bench.problems import ProblemName, build_problem
     from bench.timing import Contender
+    from suite.train import seed_everything
 
     torch.set_num_threads(int(request["threads"]))
+    seed_everything(0)
     device = torch.device(request["device"])
     problem = build_problem(
         ProblemName(request["problem"]), batch=int(request["batch"]), device=device
@@ -57,12 +59,12 @@ def child(request: dict[str, Any]) -> dict[str, Any]:
     method = Method.from_json(request["method"])
     cuda = device.type == "cuda"
     _warm_runtime(device)
-    model = problem.new_model()
-    del model
+    model = problem.new_model()  # alive while the baseline is taken: one model counts in it
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+    del model
     contender = Contender(method=method, problem=problem)
     for _ in range(int(request["steps"])):
         contender.step()

@@ -30,12 +30,16 @@ from bench.stages import amortised_from_stages, breakdown, measure_stages, stage
 from bench.targets import all_targets
 from bench.timing import Contender, interleave, steps_per_repeat, summarise
 from suite.environment import collect_environment
+from suite.train import seed_everything
 
 Log = Callable[[str], None]
 
 
+_START = time.monotonic()
+
+
 def _log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
+    print(f"[bench {time.monotonic() - _START:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
 def batch_for(name: ProblemName, settings: BenchSettings) -> int:
@@ -211,6 +215,7 @@ def _throughput(settings: BenchSettings) -> Throughput:
 def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
     """Run everything the settings ask for and return the result (JSON-ready)."""
     torch.set_num_threads(settings.threads)
+    seed_everything(settings.seed)  # the training loop's global settings (deterministic kernels)
     device = torch.device(settings.device)
     started = time.time()
     before = _throughput(settings)

@@ -19,6 +19,7 @@ KFAC_STAGES = (
     Stage.PRECONDITION,
 )
 PAPER_PRESET = "kfac2"  # the two-level preset with the paper's settings
+EXACT_PRESET = "kfac2_exact"  # the paper's space with the exact coarse Fisher
 
 
 @dataclass(frozen=True)
@@ -59,24 +60,21 @@ def _mode_of(problem: dict[str, Any], group: str, label: str) -> str | None:
 
 
 def _exact_preset(problem: dict[str, Any], group: str) -> str | None:
-    """The two-level preset that differs from the paper preset only by an exact coarse Fisher."""
+    """The two-level preset with an exact coarse Fisher closest in settings to the paper's."""
     methods = problem.get("groups", {}).get(group, {}).get("methods", {})
-    paper = methods.get(PAPER_PRESET)
+    paper = methods.get(PAPER_PRESET, {}).get("settings", {})
     candidates = [
         label
         for label, entry in methods.items()
         if label.startswith(PAPER_PRESET) and entry["settings"].get("coarse_fisher") == "exact"
     ]
-    if paper is not None:
-        for label in candidates:
-            diff = {
-                k
-                for k in set(paper["settings"]) | set(methods[label]["settings"])
-                if paper["settings"].get(k) != methods[label]["settings"].get(k)
-            }
-            if diff <= {"coarse_fisher", "coarse_damping"}:
-                return label
-    return candidates[0] if candidates else None
+
+    def distance(label: str) -> tuple[int, bool]:
+        other = methods[label]["settings"]
+        keys = set(paper) | set(other)
+        return sum(paper.get(k) != other.get(k) for k in keys), label != EXACT_PRESET
+
+    return min(candidates, key=distance) if candidates else None
 
 
 def problem_targets(name: str, problem: dict[str, Any]) -> list[Target]:

@@ -226,3 +226,24 @@ def test_time_to_target_reads_the_first_evaluation_at_target(tmp_path: Path) -> 
         validate_config(cfg)
         assert cfg.trainer.eval_every_steps == 8
     assert cfg.optimizer.cov_period == 1 and cfg.optimizer.inv_period == 5
+
+
+def test_exact_coarse_fisher_target_picks_the_closest_preset() -> None:
+    paper = {"coarse_fisher": "kron", "combination": "additive", "basis_norm": "none"}
+    settings = {
+        "kfac2": paper,
+        "kfac2_balanced": {**paper, "coarse_fisher": "exact", "combination": "balanced"},
+        "kfac2_exact": {**paper, "coarse_fisher": "exact", "basis_norm": "max"},
+        "kfac2_spectral": {"coarse_fisher": "exact", "combination": "additive"},
+    }
+    seconds = {"kfac2": 1.1, "kfac2_balanced": 3.0, "kfac2_exact": 1.2, "kfac2_spectral": 2.0}
+    methods: dict[str, Any] = {
+        label: {"amortised_s": seconds[label], "settings": {**s, "damping_mode": "eigen"}}
+        for label, s in settings.items()
+    }
+    methods["kfac[eigen]"] = {"amortised_s": 1.0, "settings": {"damping_mode": "eigen"}}
+    found = {t.name: t for t in problem_targets("p", {"groups": {"T10/100": {"methods": methods}}})}
+    exact = found["kfac2_exact ÷ kfac[eigen] at T10/100"]
+    assert exact.value == pytest.approx(1.2) and exact.met is False
+    paper_target = found["kfac2 (paper settings) ÷ kfac[eigen] at T10/100"]
+    assert paper_target.value == pytest.approx(1.1) and paper_target.met is False
