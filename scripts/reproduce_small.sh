@@ -7,13 +7,15 @@
 #   bash scripts/reproduce_small.sh [extra Hydra overrides for every run]
 #   RESULTS=results LAUNCHER=joblib bash scripts/reproduce_small.sh logger=none
 #
-# LAUNCHER: local (default: sequential, torch uses every core) or joblib (2 jobs, 1 thread each).
-# Measured on 2 cores: about 20 minutes for the five offline presets (docs/clusters.md).
+# LAUNCHER: local (default: one job after another) or joblib (2 jobs at a time); THREADS: torch
+# threads per job (default 1: multi-threaded torch slows down badly when the cores are shared,
+# see docs/clusters.md). Estimated time for the five offline presets: docs/clusters.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-${VENV:-.venv}/bin/python}
 RESULTS=${RESULTS:-results}
 LAUNCHER=${LAUNCHER:-local}
+THREADS=${THREADS:-1}
 ONLY=${ONLY:-}  # a space-separated subset of presets (default: every *_small preset)
 stamp=$(date -u +%Y%m%d-%H%M%S)
 say() { echo "reproduce_small: $*" >&2; }
@@ -60,7 +62,8 @@ for name in $available; do
   say "running $name (launcher=$LAUNCHER)"
   t0=$SECONDS
   if "$PY" run.py -m "experiment=$name" "launcher=$LAUNCHER" "results.root=$RESULTS" \
-    trainer.progress=false "hydra.sweep.dir=multirun/reproduce_small/$name-$stamp" "$@"; then
+    "trainer.threads=$THREADS" trainer.progress=false \
+    "hydra.sweep.dir=multirun/reproduce_small/$name-$stamp" "$@"; then
     say "$name done in $((SECONDS - t0)) s (sweep id $name-$stamp)"
   else
     say "$name FAILED after $((SECONDS - t0)) s"
