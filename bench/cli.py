@@ -69,6 +69,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--min-steps", type=_positive, help="steps per repeat at least (default 20)")
     p.add_argument("--warmup", type=_positive, help="untimed steps per method (default 3)")
     p.add_argument("--stage-steps", type=_positive, help="instrumented steps (default 24)")
+    p.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="torch.set_flush_denormal(True) (the training loop does not set it)",
+    )
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument(
@@ -96,6 +101,7 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
+    settings.flush_denormal = args.flush_denormal
     settings.stages = not args.no_stages
     settings.memory = not args.no_memory
     return settings

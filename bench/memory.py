@@ -3,7 +3,7 @@
 The child (`python -m bench.memory '<json>'`) imports torch, runs a tiny step on a 3×3 layer and
 two 3×3 factorisations (lazily loaded kernels and thread pools add about 160 MB on the CPU; they
 belong to the runtime, not to the method), builds the problem and one model, records its peak
-resident set (`resource.getrusage(RUSAGE_SELF).ru_maxrss`; on CUDA
+resident set (VmHWM; `ru_maxrss` where there is no /proc; on CUDA
 `torch.cuda.max_memory_allocated`) as the baseline, then builds the optimizer and runs a few
 steps (the first step of a K-FAC-family method computes statistics, inverses and the
 preconditioned update, so every buffer exists by then) and records the peak again. It prints
@@ -24,7 +24,17 @@ REPO = Path(__file__).resolve().parent.parent
 KIB = 1024
 
 
-def _maxrss_bytes() -> int:
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM (Linux), else ru_maxrss.
+
+    ru_maxrss survives execve on Linux, so a child started by a big parent would report the
+    parent's peak; VmHWM belongs to the child's own address space.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * KIB
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * KIB
 
 
@@ -52,6 +62,7 @@ def child(request: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(request["threads"]))
     seed_everything(0)
+    torch.set_flush_denormal(bool(request.get("flush_denormal", False)))
     device = torch.device(request["device"])
     problem = build_problem(
         ProblemName(request["problem"]), batch=int(request["batch"]), device=device
@@ -63,17 +74,17 @@ def child(request: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    baseline = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+    baseline = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     del model
     contender = Contender(method=method, problem=problem)
     for _ in range(int(request["steps"])):
         contender.step()
-    peak = torch.cuda.max_memory_allocated(device) if cuda else _maxrss_bytes()
+    peak = torch.cuda.max_memory_allocated(device) if cuda else peak_rss_bytes()
     return {
         "baseline_bytes": baseline,
         "peak_bytes": peak,
         "increment_bytes": peak - baseline,
-        "measure": "torch.cuda.max_memory_allocated" if cuda else "ru_maxrss",
+        "measure": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM)",
         "steps": int(request["steps"]),
     }
 
@@ -86,6 +97,7 @@ def measure(
     steps: int,
     threads: int,
     device: str,
+    flush_denormal: bool = False,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Run the child in a fresh interpreter and return its measurement."""
@@ -96,6 +108,7 @@ def measure(
         "steps": steps,
         "threads": threads,
         "device": device,
+        "flush_denormal": flush_denormal,
     }
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     done = subprocess.run(

@@ -43,7 +43,9 @@ def _meta(result: dict[str, Any]) -> list[str]:
         f"- Machine: {env['cpu']} ({env['cpu_count']} logical CPUs), device {env['device']}"
         + (f", GPU {env['gpu']['name']}" if env.get("gpu") else ""),
         f"- torch {env['packages'].get('torch')}, Python {env['python']}, "
-        f"threads {meta['threads']}, commit {str(env['code'].get('commit'))[:10]}"
+        f"threads {meta['threads']}, denormals "
+        f"{'flushed to zero' if meta['flush_denormal'] else 'not flushed (as in suite.train)'}, "
+        f"commit {str(env['code'].get('commit'))[:10]}"
         + (" (dirty)" if env["code"].get("dirty") else ""),
         f"- Batch sizes: {batches}; repeats {settings['repeats']} per group (each whole cycles of "
         f"T_inv steps, at least {settings['min_steps']} steps), warm-up {settings['warmup']} "
@@ -58,7 +60,9 @@ def _meta(result: dict[str, Any]) -> list[str]:
         "Step time = median over repeats of the mean step of a repeat (whole T_inv cycles: the "
         "amortised cost). × SGD = that median ÷ SGD's, measured interleaved in the same group. "
         "Floor = counted matrix flops ÷ measured matmul throughput (docs/performance.md). "
-        "Cross-check = step-class medians weighted by their frequencies ÷ the step time.",
+        "Cross-check = step-class medians weighted by their frequencies ÷ the step time. "
+        "Denormal grads = share of subnormal gradient entries after the group's last step "
+        "(arithmetic on them is many times slower on x86; see docs/performance.md).",
         "",
     ]
 
@@ -82,11 +86,12 @@ def _groups(name: str, problem: dict[str, Any]) -> list[str]:
                     _x(e["over_floor"]),
                     _x(e["floor_ratio_vs_sgd"]),
                     "–" if e["crosscheck"] is None else f"{e['crosscheck']:.2f}",
+                    f"{100 * e['denormal_grad_fraction']:.1f}",
                     str(e["divergences"]),
                 ]
             )
         header = ["method", "step ms", "× SGD", "floor ms", "× floor", "floor × SGD"]
-        lines += _table([*header, "cross-check", "resets"], rows)
+        lines += _table([*header, "cross-check", "denormal grads %", "resets"], rows)
         lines.append("")
     return lines
 

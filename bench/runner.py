@@ -28,7 +28,7 @@ from bench.problems import SPECS, Problem, ProblemName, build_problem
 from bench.settings import BenchSettings
 from bench.stages import amortised_from_stages, breakdown, measure_stages, stage_medians
 from bench.targets import all_targets
-from bench.timing import Contender, interleave, steps_per_repeat, summarise
+from bench.timing import Contender, denormal_fraction, interleave, steps_per_repeat, summarise
 from suite.environment import collect_environment
 from suite.train import seed_everything
 
@@ -117,6 +117,7 @@ def time_group(
             "kind": method.kind.value,
             "coarse": method.coarse,
             "divergences": contender.divergences,
+            "denormal_grad_fraction": denormal_fraction(contender.model),
             **summary,
             "floor_s": floor,
             "over_floor": summary["amortised_s"] / floor if floor > 0 else None,
@@ -195,6 +196,7 @@ def memory_group(
             steps=settings.memory_steps,
             threads=settings.threads,
             device=settings.device,
+            flush_denormal=settings.flush_denormal,
         )
     sgd = out.get("sgd")
     for entry in out.values():
@@ -216,6 +218,7 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
     """Run everything the settings ask for and return the result (JSON-ready)."""
     torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)  # the training loop's global settings (deterministic kernels)
+    torch.set_flush_denormal(settings.flush_denormal)
     device = torch.device(settings.device)
     started = time.time()
     before = _throughput(settings)
@@ -250,6 +253,7 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
         "meta": {
             "environment": collect_environment(device),
             "threads": settings.threads,
+            "flush_denormal": settings.flush_denormal,
             "settings": settings.as_dict(),
             "started_unix": started,
             "elapsed_s": time.time() - started,

@@ -35,6 +35,8 @@ class BenchSettings:
     stages: bool = True
     quick: bool = False
     seed: int = 0
+    # torch.set_flush_denormal: off by default, as in the training loop (suite.train)
+    flush_denormal: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (JSON)."""

@@ -123,6 +123,19 @@ class Contender:
         return elapsed, kind
 
 
+def denormal_fraction(model: nn.Module) -> float:
+    """Fraction of gradient entries that are subnormal floats (slow arithmetic on x86 CPUs)."""
+    total, tiny = 0, 0
+    for param in model.parameters():
+        grad = param.grad
+        if grad is None or not grad.is_floating_point():
+            continue
+        smallest = torch.finfo(grad.dtype).tiny
+        tiny += int(((grad.abs() < smallest) & (grad != 0)).sum())
+        total += grad.numel()
+    return tiny / total if total else 0.0
+
+
 @dataclass
 class StepTimes:
     """Per-step seconds and classes of one method: one list per repeat."""

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bench import stages as stages_module
-from bench.cli import main
+from bench.cli import main, parser, settings_from
 from bench.floors import (
     Periods,
     Stage,
@@ -28,11 +28,12 @@ from bench.floors import (
     stage_flops,
 )
 from bench.memory import measure as measure_memory
+from bench.memory import peak_rss_bytes
 from bench.methods import Method
 from bench.problems import ProblemName, build_problem
 from bench.stages import Stopwatch
 from bench.targets import Target, problem_targets
-from bench.timing import Contender, StepClass, StepTimes, summarise
+from bench.timing import Contender, StepClass, StepTimes, denormal_fraction, summarise
 from bench.ttt import TTTSettings, first_reaching, overrides
 from suite.train import Trainer
 
@@ -70,13 +71,16 @@ def test_json_structure(smoke: tuple[dict[str, Any], Path]) -> None:
 
 
 def test_memory_is_measured_in_a_fresh_subprocess() -> None:
+    ballast = torch.ones(128, 1024, 1024)  # 512 MiB in this process: the child must not see it
     method = Method(label="kfac", preset="kfac", overrides={"damping_mode": "factored"})
     found = measure_memory(
         problem="toy", batch=8, method_json=method.to_json(), steps=2, threads=1, device="cpu"
     )
-    assert found["measure"] == "ru_maxrss"
+    assert found["measure"] == "peak RSS (VmHWM)"
     assert found["peak_bytes"] >= found["baseline_bytes"] > 0
     assert found["increment_bytes"] == found["peak_bytes"] - found["baseline_bytes"]
+    assert found["peak_bytes"] < peak_rss_bytes()
+    del ballast
 
 
 def test_ratios_come_from_the_medians(smoke: tuple[dict[str, Any], Path]) -> None:
@@ -247,3 +251,20 @@ def test_exact_coarse_fisher_target_picks_the_closest_preset() -> None:
     assert exact.value == pytest.approx(1.2) and exact.met is False
     paper_target = found["kfac2 (paper settings) ÷ kfac[eigen] at T10/100"]
     assert paper_target.value == pytest.approx(1.1) and paper_target.met is False
+
+
+def test_denormal_fraction_counts_subnormal_gradient_entries() -> None:
+    layer = nn.Linear(2, 2)
+    tiny = torch.finfo(torch.float32).tiny
+    layer.weight.grad = torch.tensor([[tiny / 4, 0.0], [1.0, -tiny / 8]])
+    layer.bias.grad = torch.tensor([tiny, 0.5])
+    assert denormal_fraction(layer) == pytest.approx(2 / 6)
+
+
+def test_flush_denormal_is_an_explicit_setting(smoke: tuple[dict[str, Any], Path]) -> None:
+    result, _ = smoke
+    assert result["meta"]["flush_denormal"] is False
+    toy = result["problems"]["toy"]["groups"]["T1/2"]["methods"]["sgd"]
+    assert 0.0 <= toy["denormal_grad_fraction"] <= 1.0
+    assert settings_from(parser().parse_args(["--flush-denormal"])).flush_denormal is True
+    assert settings_from(parser().parse_args([])).flush_denormal is False
