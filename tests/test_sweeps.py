@@ -33,13 +33,6 @@ def sweep_optimizers(cfg: DictConfig) -> list[str]:
     return str(params.get("optimizer", cfg.hydra.runtime.choices.optimizer)).split(",")
 
 
-def self_merged_last() -> bool:
-    """Whether conf/config.yaml merges its own values after the experiment preset."""
-    defaults = yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]
-    names = [d if isinstance(d, str) else next(iter(d)) for d in defaults]
-    return names.index("_self_") > names.index("optional experiment")
-
-
 def test_every_paper_preset_has_full_and_small_scale() -> None:
     assert len(PAPER_PRESETS) >= 16
     for name in PAPER_PRESETS:
@@ -69,11 +62,6 @@ def test_paper_preset_composes_for_every_swept_optimizer(name: str) -> None:
         assert job.optimizer.name == family(optimizer) and job.scale == cfg.scale
 
 
-@pytest.mark.xfail(
-    self_merged_last(),
-    reason="conf/config.yaml lists _self_ after `optional experiment`, so its trainer values "
-    "override every preset's (move _self_ above `launcher`)",
-)
 def test_preset_trainer_settings_take_effect() -> None:
     raw = yaml.safe_load((CONF_DIR / "experiment" / "koroko_mnist_ae.yaml").read_text())
     cfg = compose_job(["experiment=koroko_mnist_ae_small"])
