@@ -48,7 +48,7 @@ def cpu_model() -> str:
 
 def collect_environment(device: torch.device) -> dict[str, Any]:
     """Everything needed to say what hardware and software produced a result."""
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in PACKAGES:
         try:
             versions[package] = metadata.version(package)

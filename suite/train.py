@@ -350,7 +350,7 @@ class Trainer:
                 with torch.no_grad():
                     return likelihood.nll(model(x), target)
 
-            optimizer.step(closure)
+            optimizer.step(closure)  # type: ignore[arg-type]
         else:
             output = model(x)
             loss = likelihood.nll(output, target)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
 import pytest
+import torch
 
 from suite.store import RunStatus, find_run_folders, read_run
 from tests.conftest import FAST, run_cli
