@@ -71,8 +71,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage-steps", type=_positive, help="instrumented steps (default 24)")
     p.add_argument(
         "--flush-denormal",
-        action="store_true",
-        help="torch.set_flush_denormal(True) (the training loop does not set it)",
+        choices=("on", "off"),
+        help="force torch.set_flush_denormal (default: as suite.train.seed_everything sets it)",
     )
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -101,7 +101,8 @@ def settings_from(args: argparse.Namespace) -> BenchSettings:
         value = getattr(args, name)
         if value is not None:
             setattr(settings, name, value)
-    settings.flush_denormal = args.flush_denormal
+    if args.flush_denormal is not None:
+        settings.flush_denormal = args.flush_denormal == "on"
     settings.stages = not args.no_stages
     settings.memory = not args.no_memory
     return settings

@@ -60,9 +60,10 @@ def child(request: dict[str, Any]) -> dict[str, Any]:
     from bench.timing import Contender
     from suite.train import seed_everything
 
+    if request.get("flush_denormal") is not None:  # before the thread pool starts
+        torch.set_flush_denormal(bool(request["flush_denormal"]))
     torch.set_num_threads(int(request["threads"]))
     seed_everything(0)
-    torch.set_flush_denormal(bool(request.get("flush_denormal", False)))
     device = torch.device(request["device"])
     problem = build_problem(
         ProblemName(request["problem"]), batch=int(request["batch"]), device=device
@@ -97,7 +98,7 @@ def measure(
     steps: int,
     threads: int,
     device: str,
-    flush_denormal: bool = False,
+    flush_denormal: bool | None = None,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
     """Run the child in a fresh interpreter and return its measurement."""

@@ -24,6 +24,12 @@ def _x(ratio: float | None) -> str:
     return "–" if ratio is None else f"{ratio:.2f}×" if ratio < 100 else f"{ratio:.0f}×"
 
 
+def _flush(setting: bool | None) -> str:
+    if setting is None:
+        return "as suite.train.seed_everything leaves them"
+    return "flushed to zero (forced)" if setting else "kept (forced)"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -43,8 +49,7 @@ def _meta(result: dict[str, Any]) -> list[str]:
         f"- Machine: {env['cpu']} ({env['cpu_count']} logical CPUs), device {env['device']}"
         + (f", GPU {env['gpu']['name']}" if env.get("gpu") else ""),
         f"- torch {env['packages'].get('torch')}, Python {env['python']}, "
-        f"threads {meta['threads']}, denormals "
-        f"{'flushed to zero' if meta['flush_denormal'] else 'not flushed (as in suite.train)'}, "
+        f"threads {meta['threads']}, denormals {_flush(meta['flush_denormal'])}, "
         f"commit {str(env['code'].get('commit'))[:10]}"
         + (" (dirty)" if env["code"].get("dirty") else ""),
         f"- Batch sizes: {batches}; repeats {settings['repeats']} per group (each whole cycles of "

@@ -216,9 +216,11 @@ def _throughput(settings: BenchSettings) -> Throughput:
 
 def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
     """Run everything the settings ask for and return the result (JSON-ready)."""
+    if settings.flush_denormal is not None:
+        # before any parallel op: OpenMP workers copy the FTZ/DAZ bits when the pool starts
+        torch.set_flush_denormal(settings.flush_denormal)
     torch.set_num_threads(settings.threads)
     seed_everything(settings.seed)  # the training loop's global settings (deterministic kernels)
-    torch.set_flush_denormal(settings.flush_denormal)
     device = torch.device(settings.device)
     started = time.time()
     before = _throughput(settings)

@@ -35,8 +35,9 @@ class BenchSettings:
     stages: bool = True
     quick: bool = False
     seed: int = 0
-    # torch.set_flush_denormal: off by default, as in the training loop (suite.train)
-    flush_denormal: bool = False
+    # torch.set_flush_denormal: None leaves it as suite.train.seed_everything sets it (the
+    # training loop's behaviour); True/False force it
+    flush_denormal: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain dict (JSON)."""

@@ -263,8 +263,9 @@ def test_denormal_fraction_counts_subnormal_gradient_entries() -> None:
 
 def test_flush_denormal_is_an_explicit_setting(smoke: tuple[dict[str, Any], Path]) -> None:
     result, _ = smoke
-    assert result["meta"]["flush_denormal"] is False
+    assert result["meta"]["flush_denormal"] is None
     toy = result["problems"]["toy"]["groups"]["T1/2"]["methods"]["sgd"]
     assert 0.0 <= toy["denormal_grad_fraction"] <= 1.0
-    assert settings_from(parser().parse_args(["--flush-denormal"])).flush_denormal is True
-    assert settings_from(parser().parse_args([])).flush_denormal is False
+    assert settings_from(parser().parse_args(["--flush-denormal", "on"])).flush_denormal is True
+    assert settings_from(parser().parse_args(["--flush-denormal", "off"])).flush_denormal is False
+    assert settings_from(parser().parse_args([])).flush_denormal is None
