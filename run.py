@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -43,5 +44,6 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    torch.set_flush_denormal(True)  # before torch's thread pool starts (see seed_everything)
     preflight(sys.argv[1:])
     main()
