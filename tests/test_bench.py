@@ -256,9 +256,14 @@ def test_exact_coarse_fisher_target_picks_the_closest_preset() -> None:
 def test_denormal_fraction_counts_subnormal_gradient_entries() -> None:
     layer = nn.Linear(2, 2)
     tiny = torch.finfo(torch.float32).tiny
-    layer.weight.grad = torch.tensor([[tiny / 4, 0.0], [1.0, -tiny / 8]])
-    layer.bias.grad = torch.tensor([tiny, 0.5])
-    assert denormal_fraction(layer) == pytest.approx(2 / 6)
+    torch.set_flush_denormal(False)  # the training loop turns flushing on for the process
+    try:
+        layer.weight.grad = torch.tensor([[tiny / 4, 0.0], [1.0, -tiny / 8]])
+        layer.bias.grad = torch.tensor([tiny, 0.5])
+        fraction = denormal_fraction(layer)
+    finally:
+        torch.set_flush_denormal(True)
+    assert fraction == pytest.approx(2 / 6)
 
 
 def test_flush_denormal_is_an_explicit_setting(smoke: tuple[dict[str, Any], Path]) -> None:
