@@ -373,6 +373,8 @@ def paired_numbers(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM) -
         for two in two_levels:
             for kfac in kfacs:
                 two_runs, kfac_runs = group_runs(results, two), group_runs(results, kfac)
+                if not _same_shared_setting(two_runs, kfac_runs):
+                    continue  # a paired difference only isolates the coarse level
                 for split in splits:
                     column = f"final_{loss_kind.column(split)}"
                     result = paired_difference(
@@ -392,6 +394,28 @@ def paired_numbers(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM) -
                         }
                     )
     return pd.DataFrame(rows)
+
+
+# Settings two-level K-FAC shares with K-FAC: a pair must agree on all of them, so that the
+# paired difference measures the coarse-space correction and nothing else.
+SHARED_SETTINGS = ("experiment", "scale", "batch_size", "epochs", "max_steps")
+
+
+def _same_shared_setting(two_runs: pd.DataFrame, kfac_runs: pd.DataFrame) -> bool:
+    if two_runs.empty or kfac_runs.empty:
+        return False
+    two, kfac = two_runs.iloc[0], kfac_runs.iloc[0]
+    shared_hp = [c for c in kfac_runs.columns if c.startswith("hp.") and c != "hp.name"]
+    shared_hp = [c for c in shared_hp if kfac_runs[c].notna().any()]
+    for column in (*SHARED_SETTINGS, *shared_hp):
+        if column not in two_runs.columns or column not in kfac_runs.columns:
+            continue
+        a, b = two[column], kfac[column]
+        if pd.isna(a) and pd.isna(b):
+            continue
+        if str(a) != str(b):
+            return False
+    return True
 
 
 def _by_seed(runs: pd.DataFrame, column: str) -> dict[int, float]:

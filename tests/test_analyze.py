@@ -622,3 +622,31 @@ def test_budget_from_config_splits_groups(tmp_path: Path) -> None:
     assert sorted(table.index) == ["sgd · epochs=4", f"sgd · epochs={EPOCHS}"]
     assert table.loc[f"sgd · epochs={EPOCHS}", "final_train_loss_mean"] == pytest.approx(50.5)
     assert table.loc["sgd · epochs=4", "n_seeds"] == 1
+
+
+def test_paired_difference_only_pairs_matching_kfac_settings(tmp_path: Path) -> None:
+    """kfac2 is paired with the K-FAC run of the same damping, never with another setting."""
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    for family, damping, finals in (
+        ("kfac", 0.001, (60.0, 61.0)),
+        ("kfac", 0.01, (90.0, 91.0)),
+        ("kfac2", 0.001, (58.0, 58.5)),
+    ):
+        for seed, final in enumerate(finals):
+            folder = write_run(
+                tmp_path,
+                f"{family}-{damping}-{seed}",
+                key=("mnist_ae", "mnist-full", family, family),
+                seed=seed,
+                status="completed",
+                train=loss_curve(final, epochs),
+                wall=epochs,
+            )
+            summary = folder.read_summary()
+            summary["hyperparameters"] = {"lr": 0.01, "damping": damping}
+            folder.write_summary(summary)
+    numbers = paired_numbers(load_results([tmp_path]))
+    train = numbers[numbers["metric"] == "final_train_loss"]
+    assert len(train) == 1
+    result = train.iloc[0]["result"]
+    assert result.n == 2 and result.kfac_mean == pytest.approx(60.5)
