@@ -15,10 +15,6 @@ class Likelihood(str, Enum):
     bernoulli = "bernoulli"  # logits; BCE-with-logits summed over outputs
     gaussian = "gaussian"  # mean with unit variance; 0.5 * ||x_hat - x||^2 summed over outputs
     categorical = "categorical"  # logits over classes; cross-entropy
-    # Upper-case aliases (same members) for code written before the lower-case convention.
-    BERNOULLI = "bernoulli"
-    GAUSSIAN = "gaussian"
-    CATEGORICAL = "categorical"
 
     def per_example_nll(self, output: Tensor, target: Tensor) -> Tensor:
         """Per-example negative log-likelihood, summed over all output dimensions; shape (B,)."""

@@ -12,9 +12,6 @@ class DampingMode(str, Enum):
     # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
     factored = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces
     eigen = "eigen"  # exact (A ⊗ G + λ I)^-1 in the Kronecker eigenbasis
-    # Upper-case aliases (the same members).
-    FACTORED = "factored"
-    EIGEN = "eigen"
 
 
 class FisherType(str, Enum):
@@ -23,9 +20,6 @@ class FisherType(str, Enum):
     # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
     mc = "mc"  # targets sampled from the model's predictive distribution (true Fisher, 1 sample)
     empirical = "empirical"  # the data targets (empirical Fisher)
-    # Upper-case aliases (the same members).
-    MC = "mc"
-    EMPIRICAL = "empirical"
 
 
 E = TypeVar("E", bound=Enum)
