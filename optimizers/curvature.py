@@ -10,7 +10,8 @@ Stages of a block, called by `optimizers.kfac.KFAC` in this order:
 1. `save_input(x, rows=m)`   forward hook: a ← first m examples of the input, as (m, P, d_in').
 2. `save_output_grad(gs, rows=m, scale=c)`   g ← c · ∂(loss)/∂s for those examples, (m, P, d_out);
    c makes g per-example: c = B for the batch-mean loss, 1 for a summed loss.
-3. `update_factors(decay=ε)`   A ← ε A + (1 − ε) Â, G ← ε G + (1 − ε) Ĝ (skipped if non-finite).
+3. `update_factors(decay=ε)`   A ← ε A + (1 − ε) Â, G ← ε G + (1 − ε) Ĝ (skipped if ‖a‖² or ‖g‖² is
+   not finite).
 4. `update_inverse(damping=λ, mode=...)`   damped inverse (Cholesky or eigendecomposition).
 5. `multiply_inverse(mat)`   the damped inverse applied to a d_out × d_in' matrix.
 
@@ -70,8 +71,32 @@ def ema_decay(updates: int, ema_max: float) -> float:
     return min(1.0 - 1.0 / (updates + 1), ema_max)
 
 
-def _eye_like(mat: Tensor) -> Tensor:
-    return torch.eye(mat.shape[0], dtype=mat.dtype, device=mat.device)
+def all_finite(*tensors: Tensor) -> bool:
+    """Whether every entry is finite: one reduction per tensor, not an elementwise mask.
+
+    A sum that overflows counts as non-finite (conservative: such values are unusable anyway).
+    """
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
+def squares_finite(*tensors: Tensor) -> bool:
+    """Whether ‖t‖² is finite for each tensor, so that every entry of tᵀt is finite too."""
+    for t in tensors:
+        if t.is_contiguous():
+            flat = t.reshape(-1)
+            total = torch.dot(flat, flat)  # one BLAS call, ~3x faster than vector_norm
+        else:
+            total = torch.linalg.vector_norm(t)
+        if not bool(torch.isfinite(total)):
+            return False
+    return True
+
+
+def _plus_diagonal(mat: Tensor, shift: float) -> Tensor:
+    """mat + shift·I as a new matrix (one copy; no identity matrix is built)."""
+    out = mat.clone()
+    out.diagonal().add_(shift)
+    return out
 
 
 def _mean_diag(mat: Tensor) -> float:
@@ -86,7 +111,7 @@ def robust_eigh(mat: Tensor) -> tuple[Tensor, Tensor, bool] | None:
     """
     try:
         vals, vecs = torch.linalg.eigh(mat)
-        if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+        if all_finite(vals, vecs):
             return vals, vecs, False
     except RuntimeError:
         pass
@@ -95,10 +120,10 @@ def robust_eigh(mat: Tensor) -> tuple[Tensor, Tensor, bool] | None:
     for jitter in RETRY_JITTERS:
         shift = jitter * scale
         try:
-            vals, vecs = torch.linalg.eigh(wide + shift * _eye_like(wide))
+            vals, vecs = torch.linalg.eigh(_plus_diagonal(wide, shift))
         except RuntimeError:
             continue
-        if bool(torch.isfinite(vals).all()) and bool(torch.isfinite(vecs).all()):
+        if all_finite(vals, vecs):
             return (vals - shift).to(mat.dtype), vecs.to(mat.dtype), True
     return None
 
@@ -112,7 +137,7 @@ def robust_spd_inverse(mat: Tensor) -> tuple[Tensor, bool] | None:
         chol, info = torch.linalg.cholesky_ex(mat)
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
-            if bool(torch.isfinite(inv).all()):
+            if all_finite(inv):
                 return inv, False
     except RuntimeError:
         pass
@@ -120,12 +145,12 @@ def robust_spd_inverse(mat: Tensor) -> tuple[Tensor, bool] | None:
     scale = _mean_diag(wide)
     for jitter in RETRY_JITTERS:
         try:
-            chol, info = torch.linalg.cholesky_ex(wide + jitter * scale * _eye_like(wide))
+            chol, info = torch.linalg.cholesky_ex(_plus_diagonal(wide, jitter * scale))
         except RuntimeError:
             continue
         if int(info) == 0:
             inv = torch.cholesky_inverse(chol)
-            if bool(torch.isfinite(inv).all()):
+            if all_finite(inv):
                 return inv.to(mat.dtype), True
     return None
 
@@ -231,12 +256,20 @@ class KFACBlock:
         return a.T @ a / a.shape[0], g.T @ g / batch
 
     def update_factors(self, *, decay: float) -> bool:
-        """Stage 3: A ← ε A + (1 − ε) Â (same for G). Non-finite batch factors: no update, False."""
-        a_hat, g_hat = self.batch_factors()
-        if not (bool(torch.isfinite(a_hat).all()) and bool(torch.isfinite(g_hat).all())):
+        """Stage 3: A ← ε A + (1 − ε) Â (same for G), one fused GEMM per factor.
+
+        Statistics whose squared norm is not finite (so Â or Ĝ could hold inf or NaN) are not
+        folded in: the factors stay unchanged and False is returned.
+        """
+        if self.a is None or self.g is None:
+            raise RuntimeError(f"{self.kind} block: no captured statistics")
+        a = self.a.reshape(-1, self.a.shape[2])
+        g = self.g.reshape(-1, self.g.shape[2])
+        if not squares_finite(a, g):
             return False
-        self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
-        self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
+        weight = 1.0 - decay
+        self.A.addmm_(a.T, a, beta=decay, alpha=weight / a.shape[0])
+        self.G.addmm_(g.T, g, beta=decay, alpha=weight / self.g.shape[0])
         self.num_updates += 1
         return True
 
@@ -278,8 +311,8 @@ class KFACBlock:
     def _update_factored(self, damping: float) -> int:
         pi = factored_pi(self.A, self.G)
         root = math.sqrt(damping)
-        inv_a = robust_spd_inverse(self.A + pi * root * _eye_like(self.A))
-        inv_g = robust_spd_inverse(self.G + (root / pi) * _eye_like(self.G))
+        inv_a = robust_spd_inverse(_plus_diagonal(self.A, pi * root))
+        inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
         if inv_a is None or inv_g is None:
             if self.mode is None:
                 raise RuntimeError(f"{self.kind} block: Cholesky failed in float64")

@@ -65,6 +65,9 @@ DAMPING_MAX = 1.0e8
 RHO_LOW = 0.25
 RHO_HIGH = 0.75
 
+# (parameter, its update direction Δ, the KL scale ν applied to Δ or None).
+Direction = tuple[Tensor, Tensor, Tensor | None]
+
 
 @dataclass
 class KFACConfig:
@@ -443,11 +446,14 @@ class KFAC(torch.optim.Optimizer):
             grads = [block.grad_matrix() for block in self.blocks]
             updates = self.precondition(grads)
             nu = self._kl_scale(updates, grads, lr)
-            directions: list[tuple[Tensor, Tensor]] = []
+            directions: list[Direction] = []
             for block, update in zip(self.blocks, updates, strict=True):
-                scaled = update if nu is None else update * nu.to(update.dtype)
-                directions.extend(zip(block.params, block.matrix_to_param_updates(scaled)))
-            directions.extend((p, p.grad) for p in self.plain_params if p.grad is not None)
+                scale = None if nu is None else nu.to(update.dtype)
+                directions.extend(
+                    (param, part, scale)
+                    for param, part in zip(block.params, block.matrix_to_param_updates(update))
+                )
+            directions.extend((p, p.grad, None) for p in self.plain_params if p.grad is not None)
             model_terms = self._model_terms(directions, grads, lr, momentum, wd) if adapt else None
             self._apply(directions, lr=lr, momentum=momentum, weight_decay=float(wd))
         result = None
@@ -461,44 +467,54 @@ class KFAC(torch.optim.Optimizer):
         self.counters.steps += 1
         return result
 
-    def _step_of(self, param: Tensor, direction: Tensor, wd: float, momentum: float) -> Tensor:
-        """The vector η multiplies: d = direction + wd·θ through momentum (no side effects)."""
-        d = direction + wd * param if wd else direction
+    def _step_of(self, param: Tensor, direction: Direction, wd: float, momentum: float) -> Tensor:
+        """The vector η multiplies: d = ν·Δ + wd·θ through momentum (no side effects)."""
+        _, delta, scale = direction
+        d = delta if scale is None else delta * scale
+        if wd:
+            d = d + wd * param
         buf = self.state[param].get("momentum_buffer") if momentum else None
         return d if buf is None else buf * momentum + d
 
     def _apply(
         self,
-        directions: list[tuple[Tensor, Tensor]],
+        directions: list[Direction],
         *,
         lr: float,
         momentum: float,
         weight_decay: float,
     ) -> None:
-        for param, direction in directions:
-            d = direction.add(param, alpha=weight_decay) if weight_decay else direction
-            if momentum:
-                state = self.state[param]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = d.detach().clone()
-                    state["momentum_buffer"] = buf
-                else:
-                    buf.mul_(momentum).add_(d)
-                d = buf
-            param.add_(d, alpha=-lr)
+        """buf ← μ·buf + ν·Δ + wd·θ, θ ← θ − η·buf (ν fused into the update: no scaled copy)."""
+        for param, delta, scale in directions:
+            buf = self.state[param].get("momentum_buffer") if momentum else None
+            if buf is None:
+                d = delta * scale if scale is not None else delta
+                if weight_decay:
+                    d = d.add(param, alpha=weight_decay)
+                if momentum:
+                    self.state[param]["momentum_buffer"] = d = d.detach().clone()
+                param.add_(d, alpha=-lr)
+                continue
+            buf.mul_(momentum)
+            if scale is None:
+                buf.add_(delta)
+            else:
+                buf.addcmul_(delta, scale)
+            if weight_decay:
+                buf.add_(param, alpha=weight_decay)
+            param.add_(buf, alpha=-lr)
 
     # ----------------------------------------------------------------- adaptive damping
     def _model_terms(
         self,
-        directions: list[tuple[Tensor, Tensor]],
+        directions: list[Direction],
         grads: list[Tensor],
         lr: float,
         momentum: float,
         wd: float,
     ) -> dict[str, float]:
         """Pieces of M(δ) for the step δ = −η·(buffer) about to be taken (float64 scalars)."""
-        deltas = {id(p): -lr * self._step_of(p, d, wd, momentum) for p, d in directions}
+        deltas = {id(d[0]): -lr * self._step_of(d[0], d, wd, momentum) for d in directions}
         linear, square, weight_dot, curvature = 0.0, 0.0, 0.0, 0.0
         for block, grad in zip(self.blocks, grads, strict=True):
             if not all(id(p) in deltas for p in block.params):
@@ -510,7 +526,7 @@ class KFAC(torch.optim.Optimizer):
         for param in self.plain_params:
             if id(param) in deltas and param.grad is not None:
                 linear += float((param.grad.double() * deltas[id(param)].double()).sum())
-        for param, _ in directions:
+        for param, _, _ in directions:
             delta = deltas[id(param)].double()
             square += float((delta * delta).sum())
             weight_dot += float((param.double() * delta).sum())

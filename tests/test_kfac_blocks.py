@@ -8,7 +8,14 @@ from torch import nn
 from torch.testing import assert_close
 
 from models.losses import Likelihood
-from optimizers.curvature import Conv2dBlock, LinearBlock, make_block, robust_eigh
+from optimizers.curvature import (
+    Conv2dBlock,
+    LinearBlock,
+    all_finite,
+    make_block,
+    robust_eigh,
+    squares_finite,
+)
 from optimizers.enums import DampingMode
 from optimizers.kfac import KFAC
 from tests.dense_fisher import (
@@ -308,6 +315,25 @@ def test_nonfinite_statistics_are_reported_not_folded_in() -> None:
     assert opt.blocks[0].num_updates == 1 and opt.blocks[1].num_updates == 2
     assert not torch.equal(opt.blocks[1].A, factors[1][0])
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_overflowing_statistics_are_skipped_like_nonfinite_ones() -> None:
+    torch.manual_seed(6)
+    layer = nn.Linear(3, 2).float()
+    block = make_block(layer)
+    assert block is not None
+    block.save_input(torch.randn(4, 3), rows=4)
+    block.save_output_grad(torch.randn(4, 2), rows=4)
+    assert block.update_factors(decay=0.0)
+    before = block.A.clone()
+    block.save_input(torch.full((4, 3), 1.0e20), rows=4)  # finite, but aᵀa overflows float32
+    block.save_output_grad(torch.randn(4, 2), rows=4)
+    assert not block.update_factors(decay=0.5)
+    assert torch.equal(block.A, before) and block.num_updates == 1
+    assert all_finite(block.A, block.G)
+    assert not all_finite(torch.tensor([1.0, float("inf")]))
+    assert not squares_finite(torch.full((3, 3), 1.0e20).T)  # non-contiguous path
+    assert squares_finite(torch.full((3, 3), 1.0e18))
 
 
 def test_factor_math_is_float32_for_low_precision_models() -> None:
