@@ -7,7 +7,8 @@ Kronecker products use column-major vec: (A ⊗ G) vec(X) = vec(G X A).
 
 Stages of a block, called by `optimizers.kfac.KFAC` in this order:
 
-1. `save_input(x, rows=m)`   forward hook: a ← first m examples of the input, as (m, P, d_in').
+1. `save_input(x, rows=m)`   forward hook: the first m examples of the input, as (m, P, d_in)
+   (`inputs`; `a` adds the homogeneous 1 on demand: (m, P, d_in')).
 2. `save_output_grad(gs, rows=m, scale=c)`   g ← c · ∂(loss)/∂s for those examples, (m, P, d_out);
    c makes g per-example: c = B for the batch-mean loss, 1 for a summed loss.
 3. `update_factors(decay=ε)`   A ← ε A + (1 − ε) Â, G ← ε G + (1 − ε) Ĝ (skipped if ‖a‖² or ‖g‖² is
@@ -31,7 +32,8 @@ Block API (stable; two-level K-FAC builds on it):
 
 - `module`, `params` ([weight, bias] or [weight]), `has_bias`, `shape` (d_out, d_in'), `grid`
   ((H_out, W_out) for Conv2d, (1, P) for Linear) and `factor_dtype`.
-- `a`, `g`: statistics of the latest statistics step (None before the first), kept until the next.
+- `a`, `g`: statistics of the latest statistics step (None before the first), kept until the next;
+  `inputs` is `a` without the homogeneous column (what the factor update reads).
 - `A`, `G`: running factors; `num_updates`: how many statistics updates they hold.
 - Factored mode: `pi`, `A_inv` = (A + π√λ I)^-1, `G_inv` = (G + √λ/π I)^-1.
   Eigen mode: `Q_A`, `d_A`, `Q_G`, `d_G` (eigenvalues clamped at 0) and `eigen_scale` =
@@ -187,7 +189,8 @@ class KFACBlock:
         self.factor_dtype = factor_dtype or factor_dtype_for(weight.dtype)
         self.shape = (d_out, d_in + (1 if self.has_bias else 0))
         self.grid: tuple[int, int] = (1, 1)
-        self.a: Tensor | None = None
+        self.inputs: Tensor | None = None
+        self._a_aug: Tensor | None = None
         self.g: Tensor | None = None
         dev = weight.device
         self.A = torch.zeros(self.shape[1], self.shape[1], dtype=self.factor_dtype, device=dev)
@@ -224,12 +227,24 @@ class KFACBlock:
         return self.grid[0] * self.grid[1]
 
     def save_input(self, x: Tensor, *, rows: int) -> None:
-        """Stage 1: keep ā of the first ``rows`` examples as (rows, P, d_in') in factor dtype."""
-        a = self._input_rows(x[:rows].detach().to(self.factor_dtype))
-        if self.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        self.a = a
+        """Stage 1: keep the input rows of the first ``rows`` examples, (rows, P, d_in).
+
+        In factor dtype; a view of the input when the dtype matches (autograd keeps the input
+        alive anyway), so capturing costs no copy for Linear layers.
+        """
+        self.inputs = self._input_rows(x[:rows].detach().to(self.factor_dtype))
+        self._a_aug = None
         self.g = None
+
+    @property
+    def a(self) -> Tensor | None:
+        """ā = [input rows, 1] as (rows, P, d_in'), built on first use (K-FAC never needs it)."""
+        if self.inputs is None or not self.has_bias:
+            return self.inputs
+        if self._a_aug is None:
+            x = self.inputs
+            self._a_aug = torch.cat([x, x.new_ones(x.shape[0], x.shape[1], 1)], dim=2)
+        return self._a_aug
 
     def save_output(self, output: Tensor) -> None:
         """Record the spatial grid of the layer output."""
@@ -242,7 +257,8 @@ class KFACBlock:
 
     def clear_stats(self) -> None:
         """Forget the captured statistics."""
-        self.a = None
+        self.inputs = None
+        self._a_aug = None
         self.g = None
 
     # ------------------------------------------------------------------ stage 3
@@ -261,14 +277,23 @@ class KFACBlock:
         Statistics whose squared norm is not finite (so Â or Ĝ could hold inf or NaN) are not
         folded in: the factors stay unchanged and False is returned.
         """
-        if self.a is None or self.g is None:
+        if self.inputs is None or self.g is None:
             raise RuntimeError(f"{self.kind} block: no captured statistics")
-        a = self.a.reshape(-1, self.a.shape[2])
+        x = self.inputs.reshape(-1, self.inputs.shape[2])
         g = self.g.reshape(-1, self.g.shape[2])
-        if not squares_finite(a, g):
+        if not squares_finite(x, g):
             return False
         weight = 1.0 - decay
-        self.A.addmm_(a.T, a, beta=decay, alpha=weight / a.shape[0])
+        alpha = weight / x.shape[0]
+        if self.has_bias:  # ā = [x, 1]: āᵀā = [[xᵀx, xᵀ1], [1ᵀx, n]] without building ā
+            d = x.shape[1]
+            self.A[:d, :d].addmm_(x.T, x, beta=decay, alpha=alpha)
+            col = x.sum(dim=0)
+            self.A[:d, d].mul_(decay).add_(col, alpha=alpha)
+            self.A[d, :d].mul_(decay).add_(col, alpha=alpha)
+            self.A[d, d].mul_(decay).add_(weight)
+        else:
+            self.A.addmm_(x.T, x, beta=decay, alpha=alpha)
         self.G.addmm_(g.T, g, beta=decay, alpha=weight / self.g.shape[0])
         self.num_updates += 1
         return True
