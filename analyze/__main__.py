@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweep", default=None, help="only runs of this sweep_id")
     p.add_argument(
+        "--with-trials",
+        action="store_true",
+        help="include tuning trials (tuning.stage=tune; left out by default)",
+    )
+    p.add_argument(
         "--axes",
         type=lambda t: _enum_list(Axis, "--axes", t),
         default=(Axis.EPOCH, Axis.STEP, Axis.WALL),
@@ -96,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         benchmarks=tuple(args.benchmark),
         optimizers=tuple(args.optimizer),
         sweep=args.sweep,
+        trials=args.with_trials,
         axes=args.axes,
         band=Band(args.band),
         loss_kind=LossKind(args.loss),

@@ -33,6 +33,7 @@ class BuildOptions:
     benchmarks: tuple[str, ...] = ()
     optimizers: tuple[str, ...] = ()
     sweep: str | None = None
+    trials: bool = False  # include tuning trials (tuning.stage == "tune")
     axes: tuple[Axis, ...] = (Axis.EPOCH, Axis.STEP, Axis.WALL)
     band: Band = Band.CI95
     loss_kind: LossKind = LossKind.SUM
@@ -59,6 +60,7 @@ def build_all(options: BuildOptions) -> BuildOutput:
         benchmarks=options.benchmarks or None,
         optimizers=options.optimizers or None,
         sweep=options.sweep,
+        trials=options.trials,
     )
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)

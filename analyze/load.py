@@ -101,9 +101,16 @@ class ResultsSet:
         benchmarks: Sequence[str] | None = None,
         optimizers: Sequence[str] | None = None,
         sweep: str | None = None,
+        trials: bool = True,
     ) -> ResultsSet:
-        """Keep runs of the named benchmarks/optimizers/sweep; an unknown name raises."""
+        """Keep runs of the named benchmarks/optimizers/sweep; an unknown name raises.
+
+        ``trials=False`` drops tuning trials (``tuning.stage == "tune"``): single-seed grid
+        points that selected a setting, not results to average or plot.
+        """
         mask = pd.Series(True, index=self.runs.index)
+        if not trials and "tuning.stage" in self.runs:
+            mask &= self.runs["tuning.stage"].astype(str) != "tune"
         if benchmarks:
             known = set(self.runs["benchmark"].dropna()) | set(self.runs["experiment"].dropna())
             _check_known("--benchmark", benchmarks, known)

@@ -74,6 +74,7 @@ def write_run(
     wall: np.ndarray,
     diverged_step: int | None = None,
     acc: np.ndarray | None = None,
+    tuning: dict[str, object] | None = None,
 ) -> RunFolder:
     """Write one run folder through the suite's results writer."""
     benchmark, variant, optimizer, family = key
@@ -137,7 +138,7 @@ def write_run(
             "finished_at": f"2024-01-01T01:00:{seed:02d}+00:00",
             "code_version": "abc1234",
             "hyperparameters": {"lr": 0.01, "damping": 0.001},
-            "tuning": None,
+            "tuning": tuning,
             "likelihood": "bernoulli",
             "loss_reduction": "sum_outputs_mean_batch",
         }
@@ -622,6 +623,33 @@ def test_budget_from_config_splits_groups(tmp_path: Path) -> None:
     assert sorted(table.index) == ["sgd · epochs=4", f"sgd · epochs={EPOCHS}"]
     assert table.loc[f"sgd · epochs={EPOCHS}", "final_train_loss_mean"] == pytest.approx(50.5)
     assert table.loc["sgd · epochs=4", "n_seeds"] == 1
+
+
+def test_tuning_trials_are_left_out_unless_asked_for(tmp_path: Path) -> None:
+    key = ("mnist_ae", "mnist-5k", "sgd", "sgd")
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    for seed, stage in ((0, "tune"), (1, "final"), (2, "final")):
+        write_run(
+            tmp_path,
+            f"{stage}{seed}",
+            key=key,
+            seed=seed,
+            status="completed",
+            train=loss_curve(40 + 10 * seed, epochs),
+            wall=epochs,
+            tuning={"stage": stage, "budget": 6},
+        )
+    everything = load_results([tmp_path])
+    assert len(everything.runs) == 3
+    kept = everything.filter(trials=False)
+    assert sorted(kept.runs["run_id"]) == ["final1", "final2"]
+    assert set(kept.evals["run_id"]) == {"final1", "final2"}
+    table = final_loss_table(kept).numbers
+    assert table["final_train_loss_mean"].iloc[0] == pytest.approx(55.0)
+    out = build_all(BuildOptions(results=(tmp_path,), out=tmp_path / "fig"))
+    assert sorted(out.results.runs["run_id"]) == ["final1", "final2"]
+    with_trials = build_all(BuildOptions(results=(tmp_path,), out=tmp_path / "f2", trials=True))
+    assert len(with_trials.results.runs) == 3
 
 
 def test_paired_difference_only_pairs_matching_kfac_settings(tmp_path: Path) -> None:
