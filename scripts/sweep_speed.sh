@@ -9,6 +9,8 @@
 # torch suffers most when the cores are shared).
 #
 #   bash scripts/sweep_speed.sh            # EPOCHS=2 MAX_TRAIN=2000 BATCH=100 THREADS=2
+#   OPTIMIZERS=kfac,kfac2 MODEL=deep_linear EPOCHS=4 bash scripts/sweep_speed.sh   # other jobs; EXTRA="..." adds
+#                                                                  # Hydra overrides to every job
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-${VENV:-.venv}/bin/python}
@@ -16,14 +18,17 @@ EPOCHS=${EPOCHS:-2}
 MAX_TRAIN=${MAX_TRAIN:-2000}
 BATCH=${BATCH:-100}
 THREADS=${THREADS:-$(nproc)}
+OPTIMIZERS=${OPTIMIZERS:-sgd,adam}
+MODEL=${MODEL:-mnist_ae}
+read -r -a extra <<<"${EXTRA:-}"
 work=$(mktemp -d /tmp/sweep-speed.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export WANDB_MODE=disabled
 
 sweep=(
-  -m optimizer=sgd,adam trainer.seed=0,1 model=mnist_ae data.source=offline
+  -m "optimizer=$OPTIMIZERS" trainer.seed=0,1 "model=$MODEL" data.source=offline
   "data.max_train=$MAX_TRAIN" "trainer.batch_size=$BATCH" "trainer.epochs=$EPOCHS"
-  trainer.eval_batch_size=1000 logger=none trainer.progress=false
+  trainer.eval_batch_size=1000 logger=none trainer.progress=false "${extra[@]}"
 )
 
 timed() {  # NAME OVERRIDES...: run the sweep, print its wall-clock seconds
@@ -38,10 +43,15 @@ timed() {  # NAME OVERRIDES...: run the sweep, print its wall-clock seconds
   local runs
   runs=$(find "$work/$name/results" -name summary.json | wc -l)
   [ "$runs" -eq 4 ] || { echo "sweep_speed: $name wrote $runs run folders, expected 4" >&2; exit 1; }
+  "$PY" - "$work/$name/results" >&2 <<'PYEOF'
+import json, pathlib, sys
+times = [json.loads(p.read_text())["wall_clock_s"] for p in pathlib.Path(sys.argv[1]).rglob("summary.json")]
+print(f"sweep_speed:   training steps of the 4 jobs: {sum(times):.1f} s (each {', '.join(f'{t:.1f}' for t in times)})")
+PYEOF
   "$PY" -c "print(f'{$t1 - $t0:.1f}')"
 }
 
-echo "sweep_speed: 4 jobs (sgd, adam x seeds 0, 1), mnist_ae, $MAX_TRAIN examples, batch $BATCH," \
+echo "sweep_speed: 4 jobs ($OPTIMIZERS x seeds 0, 1), $MODEL, $MAX_TRAIN examples, batch $BATCH," \
   "$EPOCHS epochs, $(nproc) cores" >&2
 seq_s=$(timed sequential launcher=local "trainer.threads=$THREADS")
 echo "sweep_speed: sequential (launcher=local, $THREADS threads/job): $seq_s s" >&2
