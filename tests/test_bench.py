@@ -34,7 +34,18 @@ from bench.problems import ProblemName, build_problem
 from bench.stages import Stopwatch
 from bench.targets import Target, problem_targets
 from bench.timing import Contender, StepClass, StepTimes, denormal_fraction, summarise
-from bench.ttt import TTTSettings, first_reaching, overrides
+from bench.ttt import (
+    DEFAULT_GRID,
+    TTTSettings,
+    first_reaching,
+    grid_points,
+    overrides,
+    run_time_to_target,
+    selection_key,
+    verdict,
+    write_ttt,
+)
+from bench.ttt import summarise as summarise_reruns
 from suite.train import Trainer
 
 REL = 1e-12
@@ -225,11 +236,79 @@ def test_time_to_target_reads_the_first_evaluation_at_target(tmp_path: Path) -> 
     from suite.validate import validate_config
 
     register_configs()
+    settings = TTTSettings()
     for optimizer in ("sgd", "kfac2"):
-        cfg, _ = compose_with_choices(overrides(optimizer, TTTSettings(), tmp_path))
+        point = grid_points(settings.grid[optimizer])[-1]
+        cfg, _ = compose_with_choices(overrides(optimizer, settings, tmp_path, point=point, seed=7))
         validate_config(cfg)
-        assert cfg.trainer.eval_every_steps == 8
-    assert cfg.optimizer.cov_period == 1 and cfg.optimizer.inv_period == 5
+        assert cfg.trainer.eval_every_steps == 4 and cfg.trainer.seed == 7
+        assert all(cfg.optimizer[key] == value for key, value in point.items())
+    assert cfg.optimizer.cov_period == 10 and cfg.optimizer.inv_period == 100
+
+
+def test_time_to_target_gives_every_optimizer_the_same_budget() -> None:
+    budgets = {name: len(grid_points(grid)) for name, grid in DEFAULT_GRID.items()}
+    assert set(budgets) == {"sgd", "adam", "kfac", "kfac2"} and set(budgets.values()) == {4}
+    assert grid_points({"lr": [1.0, 2.0], "damping": [0.1]}) == [
+        {"damping": 0.1, "lr": 1.0},
+        {"damping": 0.1, "lr": 2.0},
+    ]
+    with pytest.raises(ValueError, match="no grid for optimizer"):
+        TTTSettings(optimizers=["sgd", "lbfgs"])
+
+
+def _row(wall: float | None, final: float | None, step: int = 8) -> dict[str, Any]:
+    hit = None if wall is None else {"step": step, "wall_time_s": wall}
+    return {"wall_to_target_s": wall, "final_train_loss": final, "targets": {"150": hit}}
+
+
+def test_time_to_target_selection_summary_and_verdict() -> None:
+    rows = [_row(None, 160.0), _row(9.0, 80.0), _row(4.0, 120.0), _row(None, None)]
+    assert min(rows, key=selection_key) is rows[2]  # fastest to the target wins
+    assert min([rows[0], rows[3]], key=selection_key) is rows[0]  # else the lowest final loss
+    reached = summarise_reruns([_row(3.0, 1.0, 12), _row(5.0, 1.0, 16), _row(4.0, 1.0, 12)], "150")
+    assert reached == {
+        "reached": 3,
+        "of": 3,
+        "median_s": 4.0,
+        "min_s": 3.0,
+        "max_s": 5.0,
+        "median_steps": 12,
+    }
+    partly = summarise_reruns([_row(3.0, 1.0), _row(None, 200.0)], "150")
+    assert partly["reached"] == 1 and partly["median_s"] is None
+    summary = {
+        "sgd": {"150": partly},
+        "adam": {"150": {**reached, "median_s": 6.0}},
+        "kfac": {"150": reached},
+    }
+    assert verdict(summary, "150") == {
+        "met": True,
+        "kfac_s": 4.0,
+        "others_s": {"sgd": None, "adam": 6.0},
+    }
+    summary["adam"]["150"]["median_s"] = 3.5
+    slower = verdict(summary, "150")
+    assert slower is not None and slower["met"] is False
+
+
+def test_time_to_target_end_to_end(tmp_path: Path) -> None:
+    """Quick mode through the real loop: a grid point per optimizer, one rerun, files written."""
+    settings = TTTSettings(
+        optimizers=["sgd", "kfac"], quick=True, target_loss=1e6, extra_targets=(1.0,)
+    )
+    settings.epochs = 1
+    result = run_time_to_target(settings, root=tmp_path / "runs")
+    assert [r["seed"] for r in result["runs"]] == [1, 1]
+    assert [len(trials) for trials in result["tuning_runs"].values()] == [1, 1]
+    for row in result["runs"]:
+        assert row["status"] == "completed" and row["data_variant"] == "mnist-5k"
+        assert row["steps_to_target"] == 0 and row["targets"]["1"] is None  # evaluated at step 0
+    assert result["summary"]["kfac"]["1"]["reached"] == 0
+    assert result["environment"]["code"]["commit"] and result["environment"]["cpu_count"] >= 1
+    json_path, md_path = write_ttt(result, tmp_path / "out")
+    assert json.loads(json_path.read_text())["winners"]["kfac"] == {"damping": 0.01, "lr": 0.1}
+    assert "| kfac | damping [0.01], lr [0.1] | damping 0.01, lr 0.1 |" in md_path.read_text()
 
 
 def test_exact_coarse_fisher_target_picks_the_closest_preset() -> None:
