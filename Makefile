@@ -11,7 +11,7 @@ RESULTS ?= results
 FIGURES ?= figures
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-data run test lint format figures bench reproduce-small slurm-test clean
+.PHONY: help install system-data run test lint format figures bench bench-ttt reproduce-small slurm-test clean
 
 help: ## List the targets and what they do
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -56,6 +56,9 @@ figures: install ## Plots, tables and the reproduction report from $(RESULTS) in
 
 bench: install ## Step-cost ratios, per-stage K-FAC timings, memory (JSON + Markdown in bench/out)
 	$(PY) -m bench --out bench/out
+
+bench-ttt: install ## Time to target on mnist_ae: equal-budget grid, winners rerun on 3 seeds (~17 min)
+	$(PY) -m bench --time-to-target --out bench/out
 
 reproduce-small: install ## Small-scale reproduction of both papers on this machine, then figures
 	bash scripts/reproduce_small.sh
