@@ -70,6 +70,7 @@ def build_all(options: BuildOptions) -> BuildOutput:
     palette = Palette.for_optimizers(results.runs["optimizer"].dropna().astype(str))
 
     benchmark_figures: dict[str, str] = {}
+    experiment_figures: dict[str, dict[str, str]] = {}
     for benchmark in benchmarks:
         fig = plot_benchmark(
             results,
@@ -82,6 +83,22 @@ def build_all(options: BuildOptions) -> BuildOutput:
         paths = save_figure(fig, out, f"{file_stem(benchmark)}_curves")
         output.files.extend(paths)
         benchmark_figures[benchmark] = paths[0].name
+        experiments = results.experiments(benchmark)
+        if len(experiments) < 2:
+            continue
+        for experiment in experiments:  # one readable figure per preset, beside the overview
+            fig = plot_benchmark(
+                results.of_experiment(experiment),
+                benchmark=benchmark,
+                axes=options.axes,
+                band=options.band,
+                loss_kind=options.loss_kind,
+                palette=palette,
+                subtitle=f"preset {experiment}",
+            )
+            paths = save_figure(fig, out, f"{file_stem(benchmark)}_{file_stem(experiment)}_curves")
+            output.files.extend(paths)
+            experiment_figures.setdefault(benchmark, {})[experiment] = paths[0].name
     main_figure = None
     if benchmarks:
         main_axes = tuple(a for a in options.axes if a is not Axis.STEP) or options.axes
@@ -131,6 +148,7 @@ def build_all(options: BuildOptions) -> BuildOutput:
             paired=paired,
             skipped=skipped,
             benchmark_figures=benchmark_figures,
+            experiment_figures=experiment_figures,
             main_figure=main_figure,
             profile_figure=profile_figure,
             band=options.band,

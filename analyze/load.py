@@ -95,6 +95,24 @@ class ResultsSet:
         readable = self.runs[self.runs["status"] != AnalysisStatus.CORRUPT.value]
         return sorted(str(b) for b in readable["benchmark"].dropna().unique())
 
+    def experiments(self, benchmark: str) -> list[str]:
+        """Experiment presets of a benchmark's readable runs, sorted (runs without one left out)."""
+        readable = self.runs[
+            (self.runs["status"] != AnalysisStatus.CORRUPT.value)
+            & (self.runs["benchmark"] == benchmark)
+        ]
+        return sorted(str(e) for e in readable["experiment"].dropna().unique())
+
+    def of_experiment(self, experiment: str) -> ResultsSet:
+        """Only the runs of one experiment preset."""
+        runs = self.runs[self.runs["experiment"] == experiment].reset_index(drop=True)
+        ids = set(runs["run_id"])
+        return ResultsSet(
+            runs=runs,
+            evals=self.evals[self.evals["run_id"].isin(ids)].reset_index(drop=True),
+            steps=self.steps[self.steps["run_id"].isin(ids)].reset_index(drop=True),
+        )
+
     def filter(
         self,
         *,

@@ -214,6 +214,7 @@ def plot_benchmark(
     band: Band = Band.CI95,
     loss_kind: LossKind = LossKind.SUM,
     palette: Palette | None = None,
+    subtitle: str | None = None,
 ) -> Figure:
     """One benchmark: rows train loss / test loss / accuracy, columns the chosen x-axes."""
     keys = groups_of(results, benchmark=benchmark)
@@ -248,7 +249,8 @@ def plot_benchmark(
                 )
                 if row == 0:
                     ax.set_title(AXIS_TITLES[axis])
-        fig.suptitle(fit_title(fig, f"{benchmark}: mean over seeds; {LOSS_NOTE[loss_kind.value]}"))
+        name = benchmark if subtitle is None else f"{benchmark} ({subtitle})"
+        fig.suptitle(fit_title(fig, f"{name}: mean over seeds; {LOSS_NOTE[loss_kind.value]}"))
         legend.attach(fig, band)
     return fig
 

@@ -33,6 +33,7 @@ class ReportInputs:
     paired: Table
     skipped: Table
     benchmark_figures: dict[str, str]  # benchmark -> PNG file name (relative to the report)
+    experiment_figures: dict[str, dict[str, str]]  # benchmark -> experiment preset -> PNG
     main_figure: str | None
     profile_figure: str | None
     band: Band
@@ -209,6 +210,8 @@ def render_report(inputs: ReportInputs) -> str:
             out.extend(
                 [f"![{benchmark} curves]({figure})", "", f"_{inputs.band.description}._", ""]
             )
+        for experiment, name in inputs.experiment_figures.get(benchmark, {}).items():
+            out.extend([f"![{benchmark}: {experiment} only]({name})", ""])
         out.append(_rows_for(inputs.final, benchmark, others=others).to_markdown())
         rows = paired[paired["benchmark"] == benchmark] if not paired.empty else paired
         if not rows.empty:

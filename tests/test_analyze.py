@@ -75,6 +75,7 @@ def write_run(
     diverged_step: int | None = None,
     acc: np.ndarray | None = None,
     tuning: dict[str, object] | None = None,
+    experiment: str | None = None,
 ) -> RunFolder:
     """Write one run folder through the suite's results writer."""
     benchmark, variant, optimizer, family = key
@@ -111,7 +112,7 @@ def write_run(
         {
             "run_id": run_id,
             "sweep_id": "sweep-a",
-            "experiment": None,
+            "experiment": experiment,
             "scale": "small",
             "status": status,
             "model": benchmark,
@@ -678,3 +679,45 @@ def test_paired_difference_only_pairs_matching_kfac_settings(tmp_path: Path) -> 
     assert len(train) == 1
     result = train.iloc[0]["result"]
     assert result.n == 2 and result.kfac_mean == pytest.approx(60.5)
+
+
+def test_a_benchmark_run_by_several_presets_gets_a_figure_per_preset(tmp_path: Path) -> None:
+    epochs = np.arange(EPOCHS + 1, dtype=float)
+    for experiment, final, seeds in (("study_a", 40.0, (0, 1)), ("study_b", 80.0, (2, 3))):
+        for seed in seeds:
+            write_run(
+                tmp_path,
+                f"{experiment}{seed % 2}",
+                key=("mnist_ae", "mnist-5k", "adam", "adam"),
+                seed=seed,
+                status="completed",
+                train=loss_curve(final + seed % 2, epochs),
+                wall=epochs,
+                experiment=experiment,
+            )
+    write_run(
+        tmp_path,
+        "alone",
+        key=("curves_ae", "curves-full", "sgd", "sgd"),
+        seed=0,
+        status="completed",
+        train=loss_curve(60.0, epochs),
+        wall=epochs,
+        experiment="study_c",
+    )
+    results = load_results([tmp_path])
+    assert results.experiments("mnist_ae") == ["study_a", "study_b"]
+    assert sorted(results.of_experiment("study_b").runs["run_id"]) == ["study_b0", "study_b1"]
+    assert set(results.of_experiment("study_b").evals["run_id"]) == {"study_b0", "study_b1"}
+    out = build_all(BuildOptions(results=(tmp_path,), out=tmp_path / "fig"))
+    names = {path.name for path in out.files}
+    assert {"mnist_ae_study_a_curves.png", "mnist_ae_study_b_curves.pdf"} <= names
+    assert not any(name.startswith("curves_ae_study_c") for name in names)  # one preset: no copy
+    report = (tmp_path / "fig" / "report.md").read_text()
+    assert "![mnist_ae: study_a only](mnist_ae_study_a_curves.png)" in report
+    fig = plot_benchmark(results.of_experiment("study_a"), benchmark="mnist_ae", subtitle="a")
+    title = fig.get_suptitle()
+    assert title.startswith("mnist_ae (a): mean over seeds")
+    means = _lines(fig.axes[0], "mean:")
+    assert list(means) == ["adam"]  # one group: study_b's runs are not pooled in
+    assert means["adam"].get_ydata()[-1] == pytest.approx(40.5)
