@@ -48,6 +48,30 @@ class Likelihood(str, Enum):
             probs = torch.softmax(output, dim=-1)
             return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
+    def sampled_nll_grad(
+        self, output: Tensor, *, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """d/d(output) of the summed NLL at targets drawn as ``sample`` draws them (same stream).
+
+        Closed forms (Bernoulli p − y, Gaussian −ε, categorical softmax − onehot(y)) spare the MC
+        Fisher pass the loss's forward and backward.
+        """
+        with torch.no_grad():
+            if self is Likelihood.bernoulli:
+                probs = torch.sigmoid(output)
+                uniform = torch.rand(
+                    probs.shape, generator=generator, device=probs.device, dtype=probs.dtype
+                )
+                return probs.sub_((uniform < probs).to(probs.dtype))
+            if self is Likelihood.gaussian:
+                noise = torch.randn(
+                    output.shape, generator=generator, device=output.device, dtype=output.dtype
+                )
+                return noise.neg_()
+            probs = torch.softmax(output, dim=-1)
+            drawn = torch.multinomial(probs, 1, generator=generator)
+            return probs.scatter_add_(-1, drawn, torch.full_like(drawn, -1.0, dtype=probs.dtype))
+
     def outputs_per_example(self, output: Tensor) -> int:
         """Number of output dimensions the per-example NLL sums over (1 for classifiers)."""
         if self is Likelihood.categorical:

@@ -312,8 +312,7 @@ class KFAC(torch.optim.Optimizer):
             raise RuntimeError("KFAC.fisher_backward: called twice in one step")
         rows = self.stats_rows(int(output.shape[0]))
         head = output[:rows]
-        sampled = lik.sample(head.detach(), generator=self._mc_generator(output.device))
-        sampled_loss = lik.per_example_nll(head, sampled).sum()
+        head_grad = lik.sampled_nll_grad(head.detach(), generator=self._mc_generator(output.device))
         indices = list(self._outputs)
         tensors = []
         for index in indices:
@@ -324,7 +323,9 @@ class KFAC(torch.optim.Optimizer):
                     "after the layer ran; use out-of-place activations after K-FAC layers"
                 )
             tensors.append(tensor)
-        grads = torch.autograd.grad(sampled_loss, tensors, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(
+            head, tensors, grad_outputs=head_grad, retain_graph=True, allow_unused=True
+        )
         for index, grad in zip(indices, grads, strict=True):
             if grad is not None:
                 self.blocks[index].save_output_grad(grad, rows=rows, scale=1.0)

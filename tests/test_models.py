@@ -319,3 +319,18 @@ def test_count_parameters_skips_frozen() -> None:
     model[0].weight.requires_grad_(False)
     assert count_parameters(model) == 2 + 3
     assert count_parameters(model, trainable_only=False) == 11
+
+
+@pytest.mark.parametrize("likelihood", list(Likelihood))
+def test_sampled_nll_grad_is_the_autograd_gradient_at_the_same_sample(
+    likelihood: Likelihood,
+) -> None:
+    """The MC Fisher's closed-form output gradient equals autograd's, on the same random stream."""
+    shape = (6, 5) if likelihood is Likelihood.categorical else (6, 2, 3)
+    output = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    sample = likelihood.sample(output, generator=torch.Generator().manual_seed(11))
+    leaf = output.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(likelihood.per_example_nll(leaf, sample).sum(), leaf)
+    got = likelihood.sampled_nll_grad(output, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
+    assert got.abs().sum() > 0
