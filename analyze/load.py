@@ -90,22 +90,26 @@ class ResultsSet:
             for row in rows.itertuples()
         ]
 
+    def _readable(self) -> pd.DataFrame:
+        return self.runs[self.runs["status"] != AnalysisStatus.CORRUPT.value]
+
     def benchmarks(self) -> list[str]:
         """Benchmarks (model names) with at least one readable run, sorted."""
-        readable = self.runs[self.runs["status"] != AnalysisStatus.CORRUPT.value]
-        return sorted(str(b) for b in readable["benchmark"].dropna().unique())
+        return sorted(str(b) for b in self._readable()["benchmark"].dropna().unique())
 
     def experiments(self, benchmark: str) -> list[str]:
         """Experiment presets of a benchmark's readable runs, sorted (runs without one left out)."""
-        readable = self.runs[
-            (self.runs["status"] != AnalysisStatus.CORRUPT.value)
-            & (self.runs["benchmark"] == benchmark)
-        ]
-        return sorted(str(e) for e in readable["experiment"].dropna().unique())
+        readable = self._readable()
+        of_benchmark = readable[readable["benchmark"] == benchmark]
+        return sorted(str(e) for e in of_benchmark["experiment"].dropna().unique())
 
     def of_experiment(self, experiment: str) -> ResultsSet:
         """Only the runs of one experiment preset."""
-        runs = self.runs[self.runs["experiment"] == experiment].reset_index(drop=True)
+        return self._subset(self.runs["experiment"] == experiment)
+
+    def _subset(self, mask: pd.Series) -> ResultsSet:
+        """The runs where ``mask`` holds, with their evals and steps."""
+        runs = self.runs[mask].reset_index(drop=True)
         ids = set(runs["run_id"])
         return ResultsSet(
             runs=runs,
@@ -144,13 +148,7 @@ class ResultsSet:
         if sweep is not None:
             _check_known("--sweep", [sweep], set(self.runs["sweep_id"].dropna().astype(str)))
             mask &= self.runs["sweep_id"].astype(str) == sweep
-        runs = self.runs[mask].reset_index(drop=True)
-        ids = set(runs["run_id"])
-        return ResultsSet(
-            runs=runs,
-            evals=self.evals[self.evals["run_id"].isin(ids)].reset_index(drop=True),
-            steps=self.steps[self.steps["run_id"].isin(ids)].reset_index(drop=True),
-        )
+        return self._subset(mask)
 
 
 def _check_known(option: str, names: Iterable[str], known: set[str]) -> None:

@@ -66,6 +66,11 @@ class TTTSettings:
             raise ValueError(f"time-to-target grid: no grid for optimizer(s) {missing}")
 
 
+def target_labels(target_loss: float, extra_targets: tuple[float, ...] | list[float]) -> list[str]:
+    """Keys of the targets in results: the primary first."""
+    return [f"{t:g}" for t in (target_loss, *extra_targets)]
+
+
 def grid_points(grid: Grid) -> list[dict[str, float]]:
     """Every combination of a grid's values, in a stable order."""
     keys = sorted(grid)
@@ -131,11 +136,13 @@ def run_one(
     (folder,) = set(find_run_folders(root)) - before
     stored = read_run(folder)
     final = stored.evals["train_loss"].iloc[-1]
-    targets = {}
-    for target in (settings.target_loss, *settings.extra_targets):
-        reached = first_reaching(stored.evals, target)
-        targets[f"{target:g}"] = reached
-    primary = targets[f"{settings.target_loss:g}"]
+    values = (settings.target_loss, *settings.extra_targets)
+    labels = target_labels(settings.target_loss, settings.extra_targets)
+    targets = {
+        label: first_reaching(stored.evals, value)
+        for label, value in zip(labels, values, strict=True)
+    }
+    primary = targets[labels[0]]
     return {
         "optimizer": optimizer,
         "point": point,
@@ -209,7 +216,7 @@ def run_time_to_target(settings: TTTSettings, *, root: Path) -> dict[str, Any]:
             run_one(name, settings, root, point=winners[name], seed=seed)
             for seed in settings.rerun_seeds
         ]
-    targets = [f"{t:g}" for t in (settings.target_loss, *settings.extra_targets)]
+    targets = target_labels(settings.target_loss, settings.extra_targets)
     summary = {
         name: {t: summarise(reruns[name], t) for t in targets} for name in settings.optimizers
     }
@@ -249,7 +256,7 @@ def _machine(env: dict[str, Any] | None) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The time-to-target table."""
     s = result["settings"]
-    targets = [f"{t:g}" for t in (s["target_loss"], *s["extra_targets"])]
+    targets = target_labels(s["target_loss"], s["extra_targets"])
     lines = [
         "# Time to target: mnist_ae, offline data" + (" (quick)" if s["quick"] else ""),
         "",
