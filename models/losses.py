@@ -38,7 +38,7 @@ class Likelihood(str, Enum):
             uniform = torch.rand(
                 probs.shape, generator=generator, device=probs.device, dtype=probs.dtype
             )
-            return probs, (uniform < probs).to(probs.dtype)
+            return probs, torch.lt(uniform, probs, out=uniform)  # in place: no bool→float copy
         if self is Likelihood.gaussian:
             noise = torch.randn(
                 output.shape, generator=generator, device=output.device, dtype=output.dtype

@@ -20,7 +20,9 @@ from the model's predictive distribution (`Likelihood.sample`, seeded generator 
 optimizer and saved in its state) and back-propagates their summed NLL to the layer outputs only
 (`torch.autograd.grad`, no parameter gradient is touched); for the empirical Fisher it does
 nothing and tensor hooks read the output gradients during `loss.backward()` (multiplied by B,
-as the loss is a batch mean). Inverses are refreshed on steps with step % inv_period == 0.
+as the loss is a batch mean). `step` folds them into the running factors and then releases them
+(`release_statistics`; kept inputs are views that would pin a batch of activations until the next
+statistics step). Inverses are refreshed on steps with step % inv_period == 0.
 
 Update (REFERENCE §2): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of two-level
 K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as in
@@ -37,7 +39,7 @@ A ⊗ G on the preconditioned layers, 0 on plain parameters); h(θ) comes from `
 once (eigen: rescaling only; factored: new Cholesky factors of the current A, G).
 
 Extension points for subclasses (two-level K-FAC): `precondition(grads)`, `update_statistics()`,
-`update_inverses()`, `refresh_damping()`, `curvature_state_dict()` /
+`release_statistics()`, `update_inverses()`, `refresh_damping()`, `curvature_state_dict()` /
 `load_curvature_state_dict()`; `blocks` lists the curvature blocks in module order.
 """
 
@@ -311,7 +313,7 @@ class KFAC(torch.optim.Optimizer):
         if self._mc_done:
             raise RuntimeError("KFAC.fisher_backward: called twice in one step")
         rows = self.stats_rows(int(output.shape[0]))
-        head = output[:rows]
+        head = output if rows == output.shape[0] else output[:rows]  # a slice costs a backward copy
         head_grad = lik.sampled_nll_grad(head.detach(), generator=self._mc_generator(output.device))
         indices = list(self._outputs)
         tensors = []
@@ -373,6 +375,11 @@ class KFAC(torch.optim.Optimizer):
             )
         self.counters.stats_updates += 1
 
+    def release_statistics(self) -> None:
+        """Drop the captured (ā, g) once folded in: they would pin a batch of activations."""
+        for block in self.blocks:
+            block.clear_stats()
+
     def update_inverses(self) -> None:
         """Recompute every block's damped inverse from its current factors."""
         retries = 0
@@ -428,6 +435,7 @@ class KFAC(torch.optim.Optimizer):
         if self.is_stats_step:
             self._check_captured()
             self.update_statistics()
+            self.release_statistics()
         self._outputs = {}
         if self.is_inverse_step or any(
             b.num_updates > 0 and not b.has_inverse for b in self.blocks

@@ -226,6 +226,9 @@ class TwoLevelKFAC(KFAC):
             self._exact_fisher.mul_(decay).add_(fisher, alpha=1.0 - decay)
         self.coarse_updates += 1
 
+    def release_statistics(self) -> None:
+        """Keep the captured (ā, g): the coarse level reads the latest batch on every step."""
+
     def update_inverses(self) -> None:
         """K-FAC's inverses; the coarse operator is rebuilt at the next step."""
         super().update_inverses()

@@ -159,6 +159,19 @@ def random_spd(size: int, *, generator: torch.Generator, rank: int | None = None
     return m @ m.T / cols
 
 
+def protocol_backward(
+    optimizer: Any, model: nn.Module, x: Tensor, target: Tensor, likelihood: Likelihood
+) -> Tensor:
+    """The plain-loop protocol up to `step()` (statistics captured, gradients in); the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with optimizer.capture():
+        output = model(x)
+    loss = likelihood.nll(output, target)
+    optimizer.fisher_backward(output, likelihood=likelihood, target=target)
+    loss.backward()
+    return loss
+
+
 def protocol_step(
     optimizer: Any,
     model: nn.Module,
@@ -169,12 +182,7 @@ def protocol_step(
     closure: bool = False,
 ) -> Tensor:
     """One step of the suite's plain-loop protocol for a curvature optimizer; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    with optimizer.capture():
-        output = model(x)
-    loss = likelihood.nll(output, target)
-    optimizer.fisher_backward(output, likelihood=likelihood, target=target)
-    loss.backward()
+    loss = protocol_backward(optimizer, model, x, target, likelihood)
 
     def evaluate() -> Tensor:
         with torch.no_grad():

@@ -29,6 +29,7 @@ from tests.dense_fisher import (
     output_grad_rows,
     per_example_fisher,
     per_example_grads,
+    protocol_backward,
     protocol_step,
     random_spd,
     unvec,
@@ -93,7 +94,7 @@ def test_conv_factors_average_a_over_positions_and_sum_g() -> None:
     out, records = explicit_forward(model, x)
     lik.nll(out, target).backward()
     model.zero_grad(set_to_none=True)
-    protocol_step(opt, model, x, target, lik)
+    protocol_backward(opt, model, x, target, lik)
     block = opt.blocks[0]
     a_rows = homogeneous_rows(records[0])
     g_rows = output_grad_rows(records[0], scale=float(batch))
@@ -102,6 +103,8 @@ def test_conv_factors_average_a_over_positions_and_sum_g() -> None:
     assert block.a is not None and block.g is not None
     assert_close(block.a, a_rows)
     assert_close(block.g, g_rows)
+    opt.step()
+    assert block.a is None and block.g is None  # released once folded into the factors
     a_mean = torch.einsum("npi,npj->ij", a_rows, a_rows) / (batch * positions)
     g_mean = torch.einsum("npi,npj->ij", g_rows, g_rows) / (batch * positions)
     assert_close(block.A, a_mean)

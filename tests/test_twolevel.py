@@ -26,6 +26,7 @@ from optimizers.twolevel import (
     TwoLevelKFACConfig,
     build_kfac2,
 )
+from tests.dense_fisher import protocol_step as dense_protocol_step
 from tests.test_coarse_support import (
     capture_stats,
     dense_restriction,
@@ -46,15 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def protocol_step(opt: KFAC, net: torch.nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """One step of the plain-loop protocol with the Gaussian likelihood."""
-    lik = Likelihood.gaussian
-    opt.zero_grad(set_to_none=True)
-    with opt.capture():
-        out = net(x)
-    loss = lik.nll(out, y)
-    opt.fisher_backward(out, likelihood=lik, target=y)
-    loss.backward()
-    opt.step()
-    return loss.detach()
+    return dense_protocol_step(opt, net, x, y, Likelihood.gaussian)
 
 
 def prepared(**settings: object) -> tuple[TwoLevelKFAC, torch.nn.Module, Tensor, Tensor]:
@@ -185,6 +178,15 @@ def dense_update(opt: TwoLevelKFAC, net: torch.nn.Module, x: Tensor, y: Tensor) 
 def current_update(opt: TwoLevelKFAC) -> Tensor:
     """The optimizer's update for the gradients it holds, flattened."""
     return flat(opt.precondition([b.grad_matrix() for b in opt.blocks]))
+
+
+def test_latest_statistics_are_kept_for_the_coarse_level() -> None:
+    """Plain K-FAC releases (ā, g) after folding them in; the two-level step still reads them."""
+    opt, net, x, y = prepared(cov_period=2)
+    captured = [(b.a, b.g) for b in opt.blocks]
+    assert all(a is not None and g is not None for a, g in captured)
+    protocol_step(opt, net, x, y)  # not a statistics step: the same tensors are used
+    assert all(b.a is a and b.g is g for b, (a, g) in zip(opt.blocks, captured, strict=True))
 
 
 # ------------------------------------------------------------------------- dense formulas
