@@ -334,3 +334,28 @@ def test_sampled_nll_grad_is_the_autograd_gradient_at_the_same_sample(
     got = likelihood.sampled_nll_grad(output, generator=torch.Generator().manual_seed(11))
     torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)
     assert got.abs().sum() > 0
+
+
+@pytest.mark.parametrize("likelihood", list(Likelihood))
+def test_samples_follow_the_predictive_distribution(likelihood: Likelihood) -> None:
+    """Empirical moments of many draws match the model's predictive mean (5 standard errors)."""
+    draws = 20_000
+    if likelihood is Likelihood.categorical:
+        logits = torch.tensor([[2.0, 0.0, -1.0, -6.0]], dtype=torch.float64)
+        output = logits.expand(draws, -1)
+        mean = torch.softmax(logits[0], dim=0)
+    else:
+        logits = torch.tensor([-6.0, -1.0, 0.0, 3.0], dtype=torch.float64)
+        output = logits.expand(draws, -1)
+        mean = torch.sigmoid(logits) if likelihood is Likelihood.bernoulli else logits
+    sample = likelihood.sample(output, generator=torch.Generator().manual_seed(5))
+    if likelihood is Likelihood.categorical:
+        sample = torch.nn.functional.one_hot(sample, num_classes=4).to(torch.float64)
+    if likelihood is Likelihood.gaussian:
+        std = torch.ones_like(mean)
+        assert torch.allclose(sample.std(dim=0), std, rtol=0.05)
+    else:
+        assert set(sample.unique().tolist()) <= {0.0, 1.0}
+        std = (mean * (1 - mean)).sqrt()
+    err = (sample.mean(dim=0) - mean).abs()
+    assert bool((err <= 5 * std / draws**0.5 + 1e-12).all()), (sample.mean(dim=0), mean)
