@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 ARGS ?=
-RESULTS ?= results
+RESULTS ?= results/reference
 FIGURES ?= figures
 
 .DEFAULT_GOAL := help

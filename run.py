@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from core.errors import ConfigError
 from suite.config import register_configs
-from suite.errors import ConfigError
 from suite.preflight import preflight
 from suite.store import RunStatus
 from suite.train import RunContext, run

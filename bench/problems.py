@@ -15,7 +15,7 @@ import yaml
 from torch import Tensor, nn
 
 from bench.floors import LayerShape, layer_shapes
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 
 log = logging.getLogger("bench")
 CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from bench.floors import Periods
 from bench.methods import Method
 from bench.problems import Problem
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.registry import Family, family_of
 from suite.checkpoint import Progress
 from suite.train import RunDiverged, Trainer

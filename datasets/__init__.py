@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from core.errors import ConfigError
 from datasets.bundle import DataBundle, Split, hold_out, subset
 from datasets.catalog import CATALOG, DatasetSpec, RawData
 from datasets.config import DataConfig, DataSource
 from datasets.errors import DataNotFoundError
 from datasets.readers import FormatError
 from datasets.sources import SourceUnavailable, downloads_allowed_in_auto
-from suite.errors import ConfigError
 
 __all__ = [
     "CATALOG",

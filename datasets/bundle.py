@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 
 
 class DataNotFoundError(ConfigError):

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from core.errors import ConfigError
 from models.autoencoder import DeepAutoencoder
 from models.cnn import cifar10_3c3d, fmnist_2c2d, resnet18, simple_cnn
 from models.config import (
@@ -21,7 +22,6 @@ from models.config import (
     Task,
 )
 from models.deep_linear import DeepLinearNet
-from suite.errors import ConfigError
 
 __all__ = ["SCHEMAS", "as_model_config", "build_model", "count_parameters"]
 

@@ -10,7 +10,7 @@ from enum import Enum
 
 from omegaconf import MISSING
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 
 
 class Task(str, Enum):

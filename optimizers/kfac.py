@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.curvature import KFACBlock, ema_decay, make_block
 from optimizers.enums import DampingMode, FisherType, parse_enum
 

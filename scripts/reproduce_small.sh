@@ -5,7 +5,7 @@
 # offline) are skipped with the reason; put the files in data/ to include them.
 #
 #   bash scripts/reproduce_small.sh [extra Hydra overrides for every run]
-#   RESULTS=results LAUNCHER=joblib bash scripts/reproduce_small.sh logger=none
+#   RESULTS=results/reference LAUNCHER=joblib bash scripts/reproduce_small.sh logger=none
 #
 # LAUNCHER: local (default: one job after another) or joblib (2 jobs at a time); THREADS: torch
 # threads per job (default 1: multi-threaded torch slows down badly when the cores are shared,
@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-${VENV:-.venv}/bin/python}
-RESULTS=${RESULTS:-results}
+RESULTS=${RESULTS:-results/reference}
 LAUNCHER=${LAUNCHER:-local}
 THREADS=${THREADS:-1}
 ONLY=${ONLY:-}  # a space-separated subset of presets (default: every *_small preset)

@@ -85,7 +85,7 @@ class LoggerConfig:
 class ResultsConfig:
     """Where run folders go."""
 
-    root: str = "results"
+    root: str = "results/runs"
 
 
 @dataclass

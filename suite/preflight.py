@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 from suite.validate import check_writable, validate_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from core.errors import ConfigError
+from core.likelihood import Likelihood
 from datasets import DataBundle, Split, load_dataset
 from models import build_model
-from models.losses import Likelihood
 from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.environment import code_version, collect_environment
-from suite.errors import ConfigError
 from suite.store import RunFolder, RunRecord, RunStatus, new_run_id, utc_now
 from suite.validate import check_writable, validate_config
 from suite.wandb_logger import make_logger

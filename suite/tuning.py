@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 from suite.store import RunStatus, atomic_write_json, find_run_folders, utc_now
 
 REPO = Path(__file__).resolve().parent.parent

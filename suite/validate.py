@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 
 # (setting, predicate, what is allowed); applied when the setting exists in the config.
 Rule = tuple[str, Callable[[Any], bool], str]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 
 
 def vec(mat: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.coarse import LayerBasis, LayerStats, kron_scale
 
 torch.set_num_threads(1)

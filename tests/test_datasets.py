@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.io import savemat
 
+from core.errors import ConfigError
 from datasets import (
     CATALOG,
     DataBundle,
@@ -26,7 +27,6 @@ from datasets import (
     readers,
     sources,
 )
-from suite.errors import ConfigError
 
 CPU = torch.device("cpu")
 FMNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from suite.errors import ConfigError
+from core.errors import ConfigError
 from suite.preflight import preflight
 from suite.store import find_run_folders, read_run
 from tests.conftest import FAST, run_cli

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.curvature import (
     Conv2dBlock,
     LinearBlock,

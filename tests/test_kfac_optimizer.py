@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.testing import assert_close
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.enums import DampingMode, FisherType
 from optimizers.kfac import KFAC, KFACConfig, build_kfac
 from tests.dense_fisher import (

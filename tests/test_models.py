@@ -11,14 +11,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from core.errors import ConfigError
+from core.likelihood import Likelihood
 from datasets import CATALOG
 from models import as_model_config, build_model, count_parameters
 from models.autoencoder import DeepAutoencoder, sparse_init_
 from models.cnn import SamePadMaxPool2d, cifar10_3c3d, fmnist_2c2d, resnet18, simple_cnn
 from models.config import SCHEMAS, Activation, AutoencoderConfig, Init, ModelConfig, Task
 from models.deep_linear import DeepLinearNet
-from models.losses import Likelihood
-from suite.errors import ConfigError
 
 torch.set_num_threads(1)
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml"))

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from core.errors import ConfigError
 from suite import tuning
-from suite.errors import ConfigError
 from suite.store import RunFolder, RunRecord
 from suite.train import POINTER_FILE
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from torch.testing import assert_close
 
-from models.losses import Likelihood
+from core.likelihood import Likelihood
 from optimizers.coarse import BasisNorm, CoarseDamping, CoarseFisher, CoarseSpace
 from optimizers.kfac import KFAC
 from optimizers.twolevel import (
