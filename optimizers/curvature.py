@@ -853,7 +853,6 @@ def classify(
     params = [p for p in _direct_params(module) if p.requires_grad]
     if not params:
         return None, None
-    name = type(module).__name__
     weight = getattr(module, "weight", None)
     layers = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding
     if isinstance(module, layers) and not (isinstance(weight, Tensor) and weight.requires_grad):
@@ -876,8 +875,8 @@ def classify(
         nn.RMSNorm,
     )
     if isinstance(module, norms):
-        return None, f"{name}: normalisation layers have no Kronecker block"
-    return None, f"{name}: no K-FAC block for this layer type"
+        return None, "normalisation layers have no Kronecker block"
+    return None, "no K-FAC block for this layer type"
 
 
 def make_block(module: nn.Module, *, factor_dtype: torch.dtype | None = None) -> KFACBlock | None:

@@ -112,8 +112,8 @@ class KFACCoverageWarning(UserWarning):
 
 
 _COMPILE_MESSAGE = (
-    "KFAC.capture: torch.compile is not supported (compiled graphs bypass the layer hooks that "
-    "capture K-FAC statistics); run the captured forward on the uncompiled model"
+    "KFAC.capture: a K-FAC layer hook was traced into a torch.compile graph, where it cannot "
+    "record statistics; run the captured forward on the uncompiled model"
 )
 
 # Per-group settings a param group may carry; damping and kl_clip are global (group 0's).
@@ -161,12 +161,8 @@ class KFAC(torch.optim.Optimizer):
                 f"layers), got {type(model).__name__}; pass per-group settings as "
                 "param_groups=[{'params': [...], 'lr': ...}, ...]"
             )
-        if _is_compiled(model):
-            raise ValueError(
-                "KFAC: torch.compile is not supported (compiled graphs bypass the layer hooks "
-                "that capture K-FAC statistics); build K-FAC on the uncompiled model and run it "
-                "uncompiled"
-            )
+        if _is_compiled(model):  # torch.compile wrapper: hook the layers it wraps
+            model = model._orig_mod  # type: ignore[assignment]
         _check(lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
         _check(0 <= momentum < 1, "momentum", momentum, "0 <= momentum < 1")
         _check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
@@ -221,7 +217,7 @@ class KFAC(torch.optim.Optimizer):
         if fallbacks:
             warnings.warn(
                 "KFAC: these trainable parameters take the plain (non-preconditioned) update: "
-                + "; ".join(fallbacks),
+                + " | ".join(fallbacks),
                 KFACCoverageWarning,
                 stacklevel=2,
             )
@@ -248,21 +244,20 @@ class KFAC(torch.optim.Optimizer):
         """
         optimized = {id(p) for group in self.param_groups for p in group["params"]}
         parents = {id(child): parent for parent in model.modules() for child in parent.children()}
-        fallbacks: list[str] = []
+        fallbacks: dict[str, list[str]] = {}  # reason -> parameters
         candidates: list[tuple[str, KFACBlock]] = []
         for name, module in model.named_modules():
             own = [p for p in module.parameters(recurse=False) if id(p) in optimized]
             if not own:
                 continue
-            label = f"'{name or '<model>'}' ({type(module).__name__})"
             block, why = classify(module)
             if isinstance(parents.get(id(module)), nn.MultiheadAttention):
                 block, why = None, "inside MultiheadAttention, whose forward never calls it"
             if block is not None and not all(id(p) in optimized for p in block.params):
                 block, why = None, "only part of its parameters are given to the optimizer"
             if block is None:
-                names = ", ".join(self._param_name(p, name) for p in own)
-                fallbacks.append(f"{label} [{names}]: {why}")
+                kind = type(module).__name__
+                fallbacks.setdefault(f"{kind}: {why}", []).extend(self._param_name(p) for p in own)
                 continue
             candidates.append((name, block))
         owners: dict[int, list[str]] = {}
@@ -272,19 +267,16 @@ class KFAC(torch.optim.Optimizer):
         for name, block in candidates:
             shared = sorted({o for p in block.params for o in owners[id(p)] if o != name})
             if shared:
-                fallbacks.append(
-                    f"'{name}' ({type(block.module).__name__}): shares a parameter with "
-                    f"{', '.join(repr(o) for o in shared)} (weight tying): one tensor cannot "
-                    "take two blocks' updates"
-                )
+                why = "parameter shared between layers (weight tying; one tensor, one update)"
+                fallbacks.setdefault(why, []).extend(self._param_name(p) for p in block.params)
                 continue
             self.blocks.append(block)
             self.block_names.append(name)
-        return fallbacks
+        return [f"{why}: {', '.join(dict.fromkeys(names))}" for why, names in fallbacks.items()]
 
-    def _param_name(self, param: Tensor, module_name: str = "") -> str:
+    def _param_name(self, param: Tensor) -> str:
         name = self.model_names.get(id(param))
-        return name if name is not None else f"{module_name}.<param>"
+        return name if name is not None else f"<tensor {tuple(param.shape)}>"
 
     def _group_of(self) -> dict[int, dict[str, Any]]:
         return {id(p): group for group in self.param_groups for p in group["params"]}
@@ -410,12 +402,14 @@ class KFAC(torch.optim.Optimizer):
             return
         if torch.compiler.is_compiling():
             raise RuntimeError(_COMPILE_MESSAGE)
+        block = self.blocks[index]
         if not isinstance(output, Tensor) or not output.requires_grad:
+            if not any(p.requires_grad for p in block.params):
+                return  # frozen after construction: nothing to precondition
             raise RuntimeError(
                 f"KFAC.capture: the output of layer '{self.block_names[index]}' does not require "
                 "gradients; do not run the captured forward under torch.no_grad()"
             )
-        block = self.blocks[index]
         calls = self._outputs.setdefault(index, [])
         call, micro = len(calls), self._micro
         x = inputs[0]
@@ -554,7 +548,7 @@ class KFAC(torch.optim.Optimizer):
             + ("no input (its forward hook never fired)" if block.inputs is None else
                "no output gradient (its output does not reach the loss)")
             for name, block in zip(self.block_names, self.blocks, strict=True)
-            if not block.has_stats
+            if not block.has_stats and any(p.requires_grad for p in block.params)
         ]  # fmt: skip
         if not missing:
             return
