@@ -1,4 +1,4 @@
-"""K-FAC curvature blocks: one object per preconditioned layer (nn.Linear, nn.Conv2d).
+"""K-FAC curvature blocks: one object per preconditioned layer (Linear, Conv1d/2d, Embedding).
 
 Conventions (REFERENCE §2). Layer i computes s = W ā with ā the input (a homogeneous 1 appended
 when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being the
@@ -42,6 +42,10 @@ Block API (stable; two-level K-FAC builds on it):
   `multiply_inverse(mat)`, `multiply_factors(mat)` (= G mat A, the undamped K-FAC block times
   mat), `set_damping(λ)` (re-damp the current inverse), `dense_factor_kron()` (= A ⊗ G) and
   `state_dict()` / `load_state_dict()`.
+
+A layer called several times in one forward stores each call's rows as extra positions, and the
+micro-batches of one step (gradient accumulation) as extra examples (`save_input(..., call=,
+micro=)`), so its statistics are summed over calls (KFAC-expand) and averaged over all examples.
 
 Numerics: factor math in float32 (float64 when the layer is float64), whatever the model dtype.
 A failed Cholesky/eigh retries in float64 with growing jitter; if every retry fails the previous

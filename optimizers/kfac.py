@@ -1,9 +1,11 @@
 """K-FAC (Martens & Grosse 2015; KFC for convolutions) as a torch.optim.Optimizer.
 
-The optimizer is built from the model: it finds every nn.Linear and nn.Conv2d (groups = 1) with
-trainable parameters, gives each a curvature block (`optimizers.curvature`) and registers a
-forward hook on it. All other parameters (BatchNorm, ...) take the plain gradient through the same
-momentum / weight-decay update. One training step (the suite's plain-loop protocol):
+The optimizer is built from the model: it finds every supported layer (`optimizers.curvature.
+classify`: Linear, Conv1d/Conv2d of any groups, Embedding) whose parameters it trains, gives each a
+curvature block and registers a forward hook on it. All other parameters (norms, attention
+projections, tied weights, ...) take the plain gradient through the same momentum / weight-decay
+update; one KFACCoverageWarning at construction names them and says why. A block whose hooks do not
+fire on the first statistics step is an error naming the layer. One training step (the suite's plain-loop protocol):
 
     optimizer.zero_grad(set_to_none=True)
     with optimizer.capture():          # records layer inputs/outputs on statistics steps only
@@ -131,7 +133,11 @@ def _check(condition: bool, setting: str, value: object, allowed: str) -> None:
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC with Kronecker-factored Linear/Conv2d blocks; see the module docstring."""
+    """K-FAC with Kronecker-factored layer blocks; see the module docstring.
+
+    ``param_groups`` (optional): torch.optim group dicts over the model's parameters with
+    per-group lr / momentum / weight_decay; parameters outside every group are not trained.
+    """
 
     def __init__(
         self,
