@@ -5,7 +5,8 @@ classify`: Linear, Conv1d/Conv2d of any groups, Embedding) whose parameters it t
 curvature block and registers a forward hook on it. All other parameters (norms, attention
 projections, tied weights, ...) take the plain gradient through the same momentum / weight-decay
 update; one KFACCoverageWarning at construction names them and says why. A block whose hooks do not
-fire on the first statistics step is an error naming the layer. One training step (the suite's plain-loop protocol):
+fire on the first statistics step is an error naming the layer.
+One training step (the suite's plain-loop protocol):
 
     optimizer.zero_grad(set_to_none=True)
     with optimizer.capture():          # records layer inputs/outputs on statistics steps only
