@@ -543,6 +543,12 @@ class KFAC(torch.optim.Optimizer):
                 f"{self.cov_period}) but nothing was captured; run the forward inside "
                 "`with optimizer.capture():`"
             )
+        if self._micro != self.grad_accumulation:
+            raise RuntimeError(
+                f"KFAC.step: {self._micro} captured micro-batch(es) in this step but "
+                f"grad_accumulation={self.grad_accumulation}; capture every micro-batch of the "
+                "step (each loss divided by grad_accumulation) before step()"
+            )
         if all(block.g is None for block in captured):
             how = (
                 "call optimizer.fisher_backward(output, likelihood=..., target=...) before step()"

@@ -16,7 +16,7 @@ from core.likelihood import Likelihood, PositionReduction
 from models.cnn import resnet18
 from optimizers.kfac import KFAC, KFACCoverageWarning
 from optimizers.twolevel import CoarseSafetyWarning, TwoLevelKFAC
-from tests.dense_fisher import protocol_step
+from tests.dense_fisher import protocol_backward, protocol_step
 
 D = torch.float64
 EPS = torch.finfo(D).eps
@@ -232,13 +232,17 @@ def test_gradient_accumulation_equals_the_single_batch_step(fisher: str) -> None
             assert_close(q, p, rtol=1e3 * EPS, atol=1e3 * EPS)
 
 
-def test_more_captures_than_grad_accumulation_is_an_error() -> None:
+def test_captures_other_than_grad_accumulation_are_an_error() -> None:
     model = mlp()
     opt = quiet_kfac(model)
     with opt.capture():
         model(data(0)[0])
     with pytest.raises(RuntimeError, match="grad_accumulation=1"), opt.capture():
         model(data(0)[0])
+    two = quiet_kfac(model, grad_accumulation=2)
+    protocol_backward(two, model, *data(0), Likelihood.gaussian)
+    with pytest.raises(RuntimeError, match=r"1 captured micro-batch.* grad_accumulation=2"):
+        two.step()
 
 
 # ----------------------------------------------------------------------------- sequences
