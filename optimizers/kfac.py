@@ -222,11 +222,16 @@ class KFAC(torch.optim.Optimizer):
             p for group in self.param_groups for p in group["params"] if id(p) not in in_blocks
         ]
         if fallbacks:
+            inits = sum(  # subclass constructors between the caller and this one
+                1
+                for cls in type(self).__mro__
+                if cls is not KFAC and issubclass(cls, KFAC) and "__init__" in cls.__dict__
+            )
             warnings.warn(
                 "KFAC: these trainable parameters take the plain (non-preconditioned) update: "
                 + " | ".join(fallbacks),
                 KFACCoverageWarning,
-                stacklevel=2,
+                stacklevel=2 + inits,
             )
         self._hooks = [
             block.module.register_forward_hook(partial(self._forward_hook, index))
