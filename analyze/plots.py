@@ -78,6 +78,7 @@ LEGEND_HANDLE_IN = 0.55
 MAX_GROUPS_PER_AXIS = 8
 ROBUST_QUANTILES = (0.25, 0.75)
 TUKEY_REACH = 1.5  # the range reaches this many interquartile ranges beyond the quartiles
+EDGE_INSET = 0.03  # edge markers sit this share of the axis height inside the edge
 RANGE_PAD = 0.04  # fraction of the (log) range added on each side
 AXIS_TITLES = {Axis.EPOCH: "vs epochs", Axis.STEP: "vs optimizer steps", Axis.WALL: "vs wall-clock"}
 BASELINE_LABEL = "best constant predictor"
@@ -363,6 +364,7 @@ def draw_panel(
                     curve.x,
                     curve.mean,
                     limits=limits,
+                    log=log,
                     colour=colour,
                     legend=legend,
                 )
@@ -378,7 +380,14 @@ def draw_panel(
                 gid=f"diverged:{run_id}",
             )
             if not _mark_exit(
-                ax, f"diverged-edge:{run_id}", x, y, limits=limits, colour=colour, legend=legend
+                ax,
+                f"diverged-edge:{run_id}",
+                x,
+                y,
+                limits=limits,
+                log=log,
+                colour=colour,
+                legend=legend,
             ):
                 ax.plot(
                     x[-1:],
@@ -427,6 +436,7 @@ def _mark_exit(
     y: np.ndarray,
     *,
     limits: tuple[float, float] | None,
+    log: bool,
     colour: str,
     legend: Legend,
 ) -> bool:
@@ -441,7 +451,7 @@ def _mark_exit(
     above = bool(y[index] > limits[1])
     ax.plot(
         x[index : index + 1],
-        [limits[1] if above else limits[0]],
+        [_inside_edge(limits, above=above, log=log)],
         color=colour,
         marker="^" if above else "v",
         markersize=6,
@@ -452,6 +462,15 @@ def _mark_exit(
     )
     legend.edge = True
     return True
+
+
+def _inside_edge(limits: tuple[float, float], *, above: bool, log: bool) -> float:
+    """A y just inside the top (or bottom) edge, so an edge marker never touches the title."""
+    share = 1.0 - EDGE_INSET if above else EDGE_INSET
+    if log:
+        low, high = math.log(limits[0]), math.log(limits[1])
+        return math.exp(low + share * (high - low))
+    return limits[0] + share * (limits[1] - limits[0])
 
 
 def benchmark_metrics(results: ResultsSet, *, benchmark: str, loss_kind: LossKind) -> list[str]:

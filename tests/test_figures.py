@@ -334,7 +334,8 @@ def test_diverged_run_is_marked_not_scaled_to(results: ResultsSet) -> None:
     assert low <= completed["test_loss"].min()
     edge = [line for line in ax.get_lines() if line.get_gid() == "diverged-edge:diverged_s2"]
     assert len(edge) == 1
-    assert edge[0].get_ydata()[0] == pytest.approx(high)  # on the edge where it left
+    at = math.log(edge[0].get_ydata()[0] / low) / math.log(high / low)
+    assert 0.9 < at < 1.0  # just inside the top edge, where it left
     assert edge[0].get_xdata()[0] == pytest.approx(3.0)
     assert not any((line.get_gid() or "").endswith("running_s3") for line in ax.get_lines())
 
