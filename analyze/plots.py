@@ -162,10 +162,17 @@ def _linestyles(keys: Sequence[GroupKey]) -> dict[GroupKey, Any]:
     }
 
 
+class PlainLogFormatter(LogFormatter):
+    """matplotlib's choice of which log ticks to label, written as plain numbers (0.6, 3000)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def _log_ticks(ax: Axes) -> None:
     """Plain-number tick labels on a log y-axis (minor ticks labelled when under a decade)."""
-    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    for setter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        setter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def headline_groups(results: ResultsSet, keys: Sequence[GroupKey]) -> list[GroupKey]:
