@@ -2,14 +2,16 @@
 
 A fresh clone must work on a machine that never saw the project, so the index may not hold
 anything tied to the machine it was committed from. Skipped outside a git checkout (an sdist,
-an unpacked archive).
+an unpacked archive). Also: the fast tests (`make test`) import every shipped package.
 """
 
 from __future__ import annotations
 
+import ast
 import posixpath
 import shutil
 import subprocess
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -148,3 +150,36 @@ def test_link_escape_rule(link: str, target: str, escapes: bool) -> None:
 )
 def test_venv_rule(path: str, is_venv: bool) -> None:
     assert _is_venv_path(PurePosixPath(path)) is is_venv
+
+
+def _imported_packages(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+    return names
+
+
+def _module_is_slow(tree: ast.Module) -> bool:
+    """True when the module sets ``pytestmark`` to include ``pytest.mark.slow``."""
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "pytestmark" for t in node.targets
+        ):
+            return "mark.slow" in ast.unparse(node.value)
+    return False
+
+
+def test_fast_tests_cover_every_package() -> None:
+    """`make test` (-m "not slow") imports every package that pyproject.toml ships."""
+    packages = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    covered: set[str] = set()
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        if not _module_is_slow(tree):
+            covered |= _imported_packages(tree)
+    assert packages - covered == set(), f"no fast test module imports {sorted(packages - covered)}"
