@@ -107,7 +107,7 @@ def test_other_endings_say_why_and_what_next(tmp_path: Path) -> None:
 def test_a_run_prints_its_block_and_no_progress_bar_off_a_terminal(
     run_job: Callable[..., tuple[RunStatus, Path]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    status, folder = run_job("trainer.progress=true")
+    status, folder = run_job("optimizer=sgd", "trainer.progress=true")  # the block is the same
     out, err = capsys.readouterr()
     assert status is RunStatus.COMPLETED
     summary = read_run(folder).summary
