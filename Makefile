@@ -40,7 +40,7 @@ system-data: ## Install Debian's offline Fashion-MNIST when running as root with
 
 run: install ## The main job: two-level K-FAC on the MNIST autoencoder (offline), then its figures
 	$(PY) run.py $(ARGS)
-	$(MAKE) --no-print-directory figures RESULTS=results/runs
+	@$(MAKE) --no-print-directory figures RESULTS=results/runs
 
 test: install ## Fast tests of every package (a few minutes); `make test-slow` runs the rest
 	$(PY) -m pytest -q $(FAST_TESTS)
