@@ -1,22 +1,25 @@
 # Two-level K-FAC benchmark suite. `make help` lists the targets.
 SHELL := /bin/bash
 PYTHON ?= python3
-# Where the virtual environment lives; CI points it at a shared folder keyed by the requirements.
+# Where the virtual environment lives (inside the clone by default, as a new user gets it).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 REQ_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(REQ_HASH)
 ARGS ?=
-RESULTS ?= results/reference
-FIGURES ?= figures
+# Results folders that `make figures` builds, each into its own figures/<name>/ (never mixed):
+# the committed reference runs and a user's own runs (results.root default; skipped when empty).
+RESULTS ?= results/reference results/runs
+# Tests that take more than a few seconds (end-to-end runs, SLURM) run in `make test-slow`.
+FAST_TESTS := -m "not slow"
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-data run test lint format figures bench bench-ttt reproduce-small slurm-test clean
+.PHONY: help install system-data run test test-slow test-all lint format figures bench bench-ttt reproduce-small slurm-test clean
 
 help: ## List the targets and what they do
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: VENV=$(VENV) ARGS='hydra overrides for run' RESULTS=$(RESULTS) FIGURES=$(FIGURES)"
+	@echo "  Variables: VENV=$(VENV) ARGS='hydra overrides for run' RESULTS='$(RESULTS)'"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,11 +38,17 @@ system-data: ## Install Debian's offline Fashion-MNIST when running as root with
 	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST benchmarks need a data folder"; \
 	fi
 
-run: install ## The main job: two-level K-FAC on the MNIST autoencoder (offline), then figures
+run: install ## The main job: two-level K-FAC on the MNIST autoencoder (offline), then its figures
 	$(PY) run.py $(ARGS)
-	$(MAKE) --no-print-directory figures
+	@$(MAKE) --no-print-directory figures RESULTS=results/runs
 
-test: install ## Run the test suite
+test: install ## Fast tests of every package (a few minutes); `make test-slow` runs the rest
+	$(PY) -m pytest -q $(FAST_TESTS)
+
+test-slow: install ## End-to-end tests: CLI runs, resume, sweeps, local SLURM (skipped without it)
+	$(PY) -m pytest -q -m slow
+
+test-all: install ## Every test (test + test-slow)
 	$(PY) -m pytest -q
 
 lint: install ## ruff (lint + format check) and mypy
@@ -51,8 +60,12 @@ format: install ## Apply ruff's fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-figures: install ## Plots, tables and the reproduction report from $(RESULTS) into $(FIGURES)
-	$(PY) -m analyze --results $(RESULTS) --out $(FIGURES)
+figures: install ## Figures, tables, report: results/reference -> figures/reference, results/runs -> figures/runs
+	@for root in $(RESULTS); do \
+	  if [ -n "$$(find "$$root" -name summary.json -print -quit 2>/dev/null)" ]; then \
+	    $(PY) -m analyze --quiet --results "$$root" || exit $$?; \
+	  else echo "figures: no runs in $$root yet (skipped)"; fi; \
+	done
 
 bench: install ## Step-cost ratios, per-stage K-FAC timings, memory (JSON + Markdown in bench/out)
 	$(PY) -m bench --out bench/out

@@ -13,6 +13,7 @@ import matplotlib
 from analyze.aggregate import Axis, Band, LossKind
 from analyze.build import BuildOptions, build_all
 from analyze.stats import N_BOOTSTRAP
+from suite.figures_layout import FIGURES_ROOT, STANDARD_RESULTS, figures_folder
 
 
 def _enum_list(kind: type[Enum], option: str, text: str) -> tuple[Enum, ...]:
@@ -38,9 +39,16 @@ def parser() -> argparse.ArgumentParser:
         nargs="+",
         action="extend",
         default=None,
-        help="results folders to scan for run folders (default: results)",
+        help=f"results folders to scan for run folders (default: {STANDARD_RESULTS[0]}, "
+        "the committed runs; a user's own runs are in results/runs)",
     )
-    p.add_argument("--out", type=Path, default=Path("figures"), help="output folder")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: figures/<name of the results folder>, e.g. "
+        "figures/reference, figures/runs; figures/ when several results folders are given)",
+    )
     p.add_argument(
         "--benchmark",
         nargs="+",
@@ -85,6 +93,11 @@ def parser() -> argparse.ArgumentParser:
         default=N_BOOTSTRAP,
         help="bootstrap resamples for time-to-target CIs",
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="one line (files written, runs skipped) instead of every file and skipped run",
+    )
     return p
 
 
@@ -95,9 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.bootstrap < 1:
         print("--bootstrap: must be a positive integer", file=sys.stderr)
         return 2
+    results = tuple(args.results or [STANDARD_RESULTS[0]])
+    out = args.out or (figures_folder(results[0]) if len(results) == 1 else FIGURES_ROOT)
     options = BuildOptions(
-        results=tuple(args.results or [Path("results")]),
-        out=args.out,
+        results=results,
+        out=out,
         benchmarks=tuple(args.benchmark),
         optimizers=tuple(args.optimizer),
         sweep=args.sweep,
@@ -113,6 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     runs = output.results.runs
+    if args.quiet:
+        left_out = f", {len(output.skipped)} not averaged" if output.skipped else ""
+        sources = ", ".join(map(str, results))
+        print(
+            f"{sources}: {len(runs)} runs{left_out}; wrote {len(output.files)} files into {out}/ "
+            f"(start with {out / 'report.md'})"
+        )
+        return 0
     print(f"loaded {len(runs)} runs, {int(runs['usable'].sum())} averaged")
     if output.skipped:
         print(f"skipped {len(output.skipped)} runs (not averaged):")

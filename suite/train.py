@@ -25,6 +25,7 @@ from datasets import DataBundle, Split, load_dataset
 from models import build_model
 from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
+from suite.console import print_end_of_run
 from suite.environment import code_version, collect_environment
 from suite.store import RunFolder, RunRecord, RunStatus, new_run_id, utc_now
 from suite.validate import check_writable, validate_config
@@ -389,6 +390,7 @@ class Trainer:
     # ------------------------------------------------------------------- run
     def run(self) -> RunStatus:
         """Train to the end, a divergence or a stop signal; returns the final status."""
+        self._started = time.monotonic()
         self._setup()
         self.folder, resumed = self._open_folder()
         self.started_at = utc_now()
@@ -433,12 +435,15 @@ class Trainer:
                 f"diverged: {err}; run recorded as diverged in {self.folder.path}", file=sys.stderr
             )
             self.logger.finish(summary)
+            self._tell(summary)
             return status
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
             interrupted = isinstance(err, KeyboardInterrupt)
             status = RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED
-            self.logger.finish(self._write(status, error=f"{type(err).__name__}: {message}"))
+            summary = self._write(status, error=f"{type(err).__name__}: {message}")
+            self.logger.finish(summary)
+            self._tell(summary)
             raise
         if status is RunStatus.INTERRUPTED:
             self._checkpoint()
@@ -448,12 +453,23 @@ class Trainer:
                 f"interrupted at step {self.progress.step}; checkpoint in {self.folder.path}",
                 file=sys.stderr,
             )
+            self._tell(summary)
             self.stop.forward_to_previous()
             return status
         self._checkpoint()
         summary = self._write(RunStatus.COMPLETED, finished_at=utc_now())
         self.logger.finish(summary)
+        self._tell(summary)
         return RunStatus.COMPLETED
+
+    def _tell(self, summary: dict[str, Any]) -> None:
+        """The end-of-run block for the user (after the logger closed its files)."""
+        print_end_of_run(
+            summary,
+            run_folder=self.folder.path,
+            results_root=Path(str(self.cfg.results.root)),
+            elapsed_s=time.monotonic() - self._started,
+        )
 
     def _train(self) -> RunStatus:
         cfg = self.cfg.trainer

@@ -292,6 +292,7 @@ def test_time_to_target_selection_summary_and_verdict() -> None:
     assert slower is not None and slower["met"] is False
 
 
+@pytest.mark.slow  # trains 4 runs: about a minute of CPU
 def test_time_to_target_end_to_end(tmp_path: Path) -> None:
     """Quick mode through the real loop: a grid point per optimizer, one rerun, files written."""
     settings = TTTSettings(

@@ -28,6 +28,7 @@ from tests.dense_fisher import (
     unvec,
     vec,
 )
+from tests.roundoff import assert_roundoff_close
 
 D = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_momentum_weight_decay_and_kl_clip_follow_the_update_rule() -> None:
             for p, u in zip(block.params, block.matrix_to_param_updates(nu * delta), strict=True):
                 d = u + wd * theta[id(p)]
                 buffers[id(p)] = d if step == 0 else mu * buffers[id(p)] + d
-                assert_close(p.detach(), theta[id(p)] - lr * buffers[id(p)], rtol=1e-12, atol=1e-14)
+                assert_roundoff_close(p.detach(), theta[id(p)] - lr * buffers[id(p)])
 
 
 def test_precondition_is_the_subclass_hook() -> None:
@@ -153,7 +154,7 @@ def test_precondition_is_the_subclass_hook() -> None:
     protocol_step(ref, reference, x, target, Likelihood.bernoulli)
     assert [tuple(g.shape) for g in opt.seen] == [(5, 5), (3, 6)]
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert_close(p, q, rtol=1e-12, atol=1e-14)
+        assert_roundoff_close(p, q)
 
 
 def test_lr_is_read_from_param_groups_by_step_lr() -> None:
@@ -169,7 +170,7 @@ def test_lr_is_read_from_param_groups_by_step_lr() -> None:
         block = opt.blocks[1]
         update = block.multiply_inverse(block.grad_matrix())
         expected = before[2] - lr * block.matrix_to_param_updates(update)[0]
-        assert_close(model[2].weight.detach(), expected, rtol=1e-12, atol=1e-14)
+        assert_roundoff_close(model[2].weight.detach(), expected)
         scheduler.step()
 
 
@@ -201,8 +202,8 @@ def test_mc_factors_match_explicit_sampled_targets(lik: Likelihood) -> None:
         a_rows = homogeneous_rows(record)[:rows]
         g_rows = output_grad_rows(record, scale=1.0)[:rows]
         a_hat, g_hat = kfc_factors(a_rows, g_rows)
-        assert_close(block.A, a_hat, rtol=1e-12, atol=1e-14)
-        assert_close(block.G, g_hat, rtol=1e-12, atol=1e-14)
+        assert_roundoff_close(block.A, a_hat)
+        assert_roundoff_close(block.G, g_hat)
 
 
 def test_mc_sampling_is_seeded() -> None:
@@ -253,11 +254,12 @@ def test_running_average_schedule() -> None:
         running_a = eps * running_a + (1 - eps) * a_hat
         running_g = eps * running_g + (1 - eps) * g_hat
         opt.step()
-        assert_close(block.A, running_a, rtol=1e-12, atol=1e-14)
-        assert_close(block.G, running_g, rtol=1e-12, atol=1e-14)
+        assert_roundoff_close(block.A, running_a)
+        assert_roundoff_close(block.G, running_g)
         if step == 0:
-            # First update: the batch statistics alone (up to the rounding of scaling by 1/n).
-            assert_close(block.A, a_hat, rtol=1e-15, atol=0.0)
+            # First update: the batch statistics alone, up to the rounding of scaling by 1/n
+            # (a few round-offs; the summation order depends on the CPU and thread count).
+            assert_roundoff_close(block.A, a_hat, units=16)
     assert decays == [0.0, 0.5, 0.6, 0.6]
 
 

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -104,19 +104,28 @@ def test_sigkill_during_writes_leaves_a_whole_file(tmp_path: Path) -> None:
         while True:
             payload = {{"i": i, "pad": "x" * 2_000_000}}
             atomic_write_json(__import__("pathlib").Path({str(target)!r}), payload)
+            print(i, flush=True)  # one line per finished write: the test waits on these
             i += 1
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    # Generous deadline for a slow or loaded machine; the watchdog ends a hung writer, which
+    # ends the reads below with EOF instead of blocking forever.
+    watchdog = threading.Timer(120.0, proc.kill)
+    watchdog.start()
     try:
-        for delay in (0.6, 0.35, 0.5):
-            time.sleep(delay)
-            if target.exists():
-                data = json.loads(target.read_text())
-                assert len(data["pad"]) == 2_000_000
+        for _ in range(3):
+            finished = proc.stdout.readline()
+            assert finished, "the writer stopped before three writes"
+            # The next write is under way while we read: old or new, always whole.
+            data = json.loads(target.read_text())
+            assert data["i"] >= int(finished) and len(data["pad"]) == 2_000_000
     finally:
-        proc.send_signal(signal.SIGKILL)
+        watchdog.cancel()
+        proc.send_signal(signal.SIGKILL)  # mid-write: the writer never pauses between writes
         proc.wait()
+        proc.stdout.close()
     data = json.loads(target.read_text())
     assert len(data["pad"]) == 2_000_000
 
