@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from typing import TypeVar
 
 
 class DampingMode(str, Enum):
@@ -20,18 +19,3 @@ class FisherType(str, Enum):
     # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
     mc = "mc"  # targets sampled from the model's predictive distribution (true Fisher, 1 sample)
     empirical = "empirical"  # the data targets (empirical Fisher)
-
-
-E = TypeVar("E", bound=Enum)
-
-
-def parse_enum(enum: type[E], value: object, *, setting: str) -> E:
-    """Turn a member or its value into a member; a clear error names the setting otherwise."""
-    if isinstance(value, enum):
-        return value
-    raw = getattr(value, "value", value)
-    try:
-        return enum(raw)
-    except ValueError:
-        allowed = ", ".join(str(m.value) for m in enum)
-        raise ValueError(f"{setting}: got {raw!r}; allowed: {allowed}") from None

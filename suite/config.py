@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from core.settings import bounded, check_settings, one_of
 from datasets.config import DataConfig
 
 
@@ -51,34 +52,42 @@ class WandbMode(str, Enum):
 class TrainerConfig:
     """How long and how a run trains, evaluates and checkpoints."""
 
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
-    batch_size: int = 1000
-    eval_every_steps: int | None = None  # None: evaluate once per epoch
-    eval_batch_size: int = 10000
-    seed: int = 0
+    epochs: int = bounded(10, ge=0, integer=True)
+    max_steps: int | None = bounded(  # stop after this many optimizer steps
+        None, ge=1, integer=True, null="the epochs decide"
+    )
+    batch_size: int = bounded(1000, ge=1, integer=True)
+    eval_every_steps: int | None = bounded(None, ge=1, integer=True, null="once per epoch")
+    eval_batch_size: int = bounded(10000, ge=1, integer=True)
+    seed: int = bounded(0, ge=0, integer=True)
     device: DeviceChoice = DeviceChoice.auto
     dtype: DType = DType.float32
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    threads: int | None = bounded(None, ge=1, integer=True, null="torch's default")  # intra-op
     lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_minutes: float | None = 10.0
+    lr_gamma: float = bounded(0.1, gt=0)
+    checkpoint_every_steps: int | None = bounded(None, ge=1, integer=True, null="off")
+    checkpoint_every_minutes: float | None = bounded(10.0, gt=0, null="off")
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)
-    diverge_loss: float = 1.0e8  # a batch loss above this (or non-finite) marks divergence
+    diverge_loss: float = bounded(1.0e8, gt=0)  # a batch loss above this (or not finite) diverges
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
 class LoggerConfig:
     """Optional Weights & Biases mirror of the results store."""
 
-    backend: str = "none"  # wandb | none
+    backend: str = one_of("none", "wandb")  # wandb | none
     project: str = "two-level-kfac"
     entity: str | None = None
     mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
