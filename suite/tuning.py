@@ -412,12 +412,12 @@ def optimizer_settings(preset: str) -> set[str]:
     from dataclasses import fields
 
     from optimizers.registry import FAMILIES
-    from suite.preflight import CONF_DIR, group_options
+    from suite.preflight import group_options, optimizer_family
 
     if preset not in group_options("optimizer"):
         allowed = ", ".join(group_options("optimizer"))
         raise ConfigError("tuning.grid", f"unknown optimizer preset '{preset}'; allowed: {allowed}")
-    family = yaml.safe_load((CONF_DIR / "optimizer" / f"{preset}.yaml").read_text())["name"]
+    family = optimizer_family(preset)
     return {f.name for f in fields(FAMILIES[family].schema)}
 
 
