@@ -98,9 +98,11 @@ def bounded(
     integer: bool = False,
     null: str | None = None,
 ) -> T:
-    """A dataclass field with ``default`` whose values must lie in the stated range."""
+    """A dataclass field with ``default`` whose values must lie in the stated range.
+
+    ``dataclasses.MISSING`` as the default makes the setting required (see `required`)."""
     rng = Range(ge=ge, gt=gt, le=le, lt=lt, integer=integer, null=null)
-    if not rng.admits(default):
+    if default is not MISSING and not rng.admits(default):
         raise ValueError(f"bounded: default {default!r} outside {rng.describe()}")
     return field(default=default, metadata={RANGE_KEY: rng})  # type: ignore[no-any-return]
 
@@ -110,6 +112,11 @@ def one_of(default: str, *others: str) -> str:
     return field(  # type: ignore[no-any-return]
         default=default, metadata={CHOICES_KEY: (default, *others)}
     )
+
+
+def required(*, ge: float | None = None, gt: float | None = None, integer: bool = False) -> Any:
+    """A bounded setting without a default: a preset must state it (``???`` until then)."""
+    return bounded(MISSING, ge=ge, gt=gt, integer=integer)
 
 
 @dataclass(frozen=True)

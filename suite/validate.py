@@ -14,7 +14,7 @@ from core.errors import ConfigError
 from core.settings import settings_from
 from datasets.config import DataConfig
 from optimizers.registry import family_of
-from suite.config import LoggerConfig, TrainerConfig
+from suite.config import LoggerConfig, TrainerConfig, TuningConfig
 
 # Config nodes checked against their schema's ranges (`core.settings`), in this order.
 NODES: tuple[tuple[str, type | None], ...] = (
@@ -22,6 +22,7 @@ NODES: tuple[tuple[str, type | None], ...] = (
     ("trainer", TrainerConfig),
     ("data", DataConfig),
     ("logger", LoggerConfig),
+    ("tuning", TuningConfig),
 )
 
 
@@ -63,7 +64,7 @@ def validate_config(cfg: DictConfig) -> None:
     below are the ones across settings.
     """
     for prefix, schema in NODES:
-        if prefix not in cfg:
+        if prefix not in cfg or cfg[prefix] is None:
             continue
         node = cfg[prefix]
         check_node(prefix, family_of(node).schema if schema is None else schema, node)
