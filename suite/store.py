@@ -32,6 +32,7 @@ import pandas as pd
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+POINTER_FILE = "run_folder.txt"  # in a Hydra job dir: the run folder a requeued job resumes
 STEPS_FILE = "metrics_steps.parquet"
 EVALS_FILE = "metrics_evals.parquet"
 ENVIRONMENT_FILE = "environment.json"
