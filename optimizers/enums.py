@@ -6,7 +6,7 @@ from enum import Enum
 
 
 class DampingMode(str, Enum):
-    """How damping λ enters the Kronecker-factored inverse (REFERENCE §2)."""
+    """How damping λ enters the Kronecker-factored inverse (docs/method.md §3.4)."""
 
     # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
     factored = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces

@@ -24,11 +24,11 @@ as the loss is a batch mean). `step` folds them into the running factors and the
 (`release_statistics`; kept inputs are views that would pin a batch of activations until the next
 statistics step). Inverses are refreshed on steps with step % inv_period == 0.
 
-Update (REFERENCE §2): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of two-level
-K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as in
-the authors' code ν scales the preconditioned blocks only), d = νΔ + wd·θ (Δ = ∇ for plain
-parameters), buf = μ·buf + d, θ ← θ − η·buf. lr, momentum, weight_decay, damping and kl_clip live
-in param_groups, so LR schedulers work and the state dict carries them.
+Update (docs/method.md §3.5): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of
+two-level K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as
+in the authors' code ν scales the preconditioned blocks only), d = νΔ + wd·θ (Δ = ∇ for plain
+parameters), buf = μ·buf + d, θ ← θ − η·buf. lr, momentum, weight_decay, damping and kl_clip live in
+param_groups, so LR schedulers work and the state dict carries them.
 
 Adaptive damping (Levenberg–Marquardt, Martens & Grosse 2015 §6.5): every damping_period steps
 ρ = (h(θ + δ) − h(θ)) / M(δ) with h = batch loss + (wd/2)‖θ‖², δ the step actually taken and
@@ -74,7 +74,7 @@ Direction = tuple[Tensor, Tensor, Tensor | None]
 
 @dataclass
 class KFACConfig:
-    """K-FAC settings (docs/method.md §K-FAC): each default and allowed range is written here once.
+    """K-FAC settings (docs/method.md §3): each default and allowed range is written here once.
 
     Defaults are the two-level authors' (T_cov 10, T_inv 100). Building the dataclass checks every
     range and parses enum values given as strings (`core.settings.check_settings`).

@@ -1,4 +1,6 @@
-"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants (REFERENCE §3).
+"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants.
+
+The method: docs/method.md §4.
 
 K-FAC's block-diagonal inverse K^-1 is corrected by a coarse solve that restores inter-layer
 curvature on a few directions per layer. With R0 (m × N) the restriction to the coarse space,
@@ -103,7 +105,7 @@ DEFAULT_NBASIS = {
 
 @dataclass
 class TwoLevelKFACConfig(KFACConfig):
-    """Two-level K-FAC settings; defaults are the paper's reconstruction (docs/method.md)."""
+    """Two-level K-FAC settings; defaults are the paper's reconstruction (docs/method.md §4.2)."""
 
     name: str = "kfac2"
     coarse_space: CoarseSpace = CoarseSpace.nicolaides  # paper: one all-ones vector per layer
