@@ -314,6 +314,20 @@ class KFACBlock:
             return self._update_eigen(damping)
         return self._update_factored(damping)
 
+    def factor_eigenpairs(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """(d_A, Q_A), (d_G, Q_G) of the current factors (eigenvalues clamped at 0).
+
+        In eigen mode the inverse's own decomposition; otherwise computed now (callers cache).
+        """
+        if self.mode is DampingMode.eigen:
+            assert self.d_A is not None and self.Q_A is not None
+            assert self.d_G is not None and self.Q_G is not None
+            return (self.d_A, self.Q_A), (self.d_G, self.Q_G)
+        eig_a, eig_g = robust_eigh(self.A), robust_eigh(self.G)
+        if eig_a is None or eig_g is None:
+            raise RuntimeError("two-level K-FAC: eigendecomposition of a factor failed")
+        return (eig_a[0].clamp_min(0), eig_a[1]), (eig_g[0].clamp_min(0), eig_g[1])
+
     def _update_eigen(self, damping: float) -> int:
         eig_a = robust_eigh(self.A)
         eig_g = robust_eigh(self.G)

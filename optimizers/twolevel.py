@@ -48,7 +48,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.errors import ConfigError
 from core.settings import bounded
 from optimizers.coarse import (
     BasisNorm,
@@ -60,24 +59,20 @@ from optimizers.coarse import (
     LayerStats,
     coarse_damping,
     coarse_fisher,
-    dense_basis,
-    enriched_basis,
     exact_coarse_fisher,
     factor_coarse,
     fisher_vector_product,
     kron_nicolaides_fisher,
     kron_scale,
-    nicolaides_basis,
     nicolaides_moments,
     normalise_basis,
     ones_scales,
     per_example_projections,
     prolong,
     restrict,
-    spectral_basis,
 )
-from optimizers.curvature import KFACBlock, ema_decay, robust_eigh
-from optimizers.enums import DampingMode
+from optimizers.coarse_spaces import SPACES, BasisInputs, EigenPairs, resolve_nbasis
+from optimizers.curvature import ema_decay
 from optimizers.kfac import KFAC, KFACConfig
 
 # Diagnostics materialise per-example gradients (B × N): skipped above this many entries.
@@ -90,17 +85,6 @@ class Combination(str, Enum):
     additive = "additive"  # ω1 K^-1 g + Q g (paper)
     deflated = "deflated"  # (I − Q F_λ) ω1 K^-1 g + Q g (first author, 2022)
     balanced = "balanced"  # (I − Q F_λ) ω1 K^-1 (I − F_λ Q) g + Q g (first author, 2022)
-
-
-# Default and allowed number of basis vectors per layer for each coarse space.
-DEFAULT_NBASIS = {
-    CoarseSpace.nicolaides: 1,
-    CoarseSpace.spectral: 1,
-    CoarseSpace.residual: 1,
-    CoarseSpace.krylov_nicolaides: 2,
-    CoarseSpace.krylov_residual: 2,
-    CoarseSpace.enriched: 3,
-}
 
 
 @dataclass
@@ -122,18 +106,6 @@ class TwoLevelKFACConfig(KFACConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         resolve_nbasis(self.coarse_space, self.nbasis)  # the count must suit the space
-
-
-def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
-    """The number of vectors per layer for a coarse space; a clear error when not allowed."""
-    if nbasis is None:
-        return DEFAULT_NBASIS[space]
-    count = int(nbasis)
-    if space in (CoarseSpace.nicolaides, CoarseSpace.residual) and count != 1:
-        raise ConfigError("nbasis", f"{space.value} has exactly 1 vector per layer; got {nbasis}")
-    if space in (CoarseSpace.krylov_nicolaides, CoarseSpace.krylov_residual) and count < 2:
-        raise ConfigError("nbasis", f"{space.value} needs >= 2 Krylov vectors; got {nbasis}")
-    return count
 
 
 @dataclass
@@ -159,6 +131,7 @@ class TwoLevelKFAC(KFAC):
         cfg = self.config
         assert isinstance(cfg, TwoLevelKFACConfig)
         self.coarse_space = cfg.coarse_space
+        self.strategy = SPACES[cfg.coarse_space]
         self.nbasis = resolve_nbasis(cfg.coarse_space, cfg.nbasis)
         self.basis_norm = cfg.basis_norm
         self.coarse_fisher = cfg.coarse_fisher
@@ -172,7 +145,7 @@ class TwoLevelKFAC(KFAC):
         self.coarse_updates = 0
         self._operator: _Operator | None = None
         self._stale = True
-        self._eig_cache: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
+        self._eig_cache: list[EigenPairs] | None = None
         self._last: dict[str, Any] | None = None
         self._nondescent: Tensor | None = None
 
@@ -201,7 +174,7 @@ class TwoLevelKFAC(KFAC):
     def update_statistics(self) -> None:
         """K-FAC's running factors, then the Nicolaides running coarse statistics."""
         super().update_statistics()
-        if not self.coarse_active or self.coarse_space is not CoarseSpace.nicolaides:
+        if not self.coarse_active or not self.strategy.running_statistics:
             return
         stats = self.layer_stats()
         if stats is None:
@@ -216,7 +189,7 @@ class TwoLevelKFAC(KFAC):
             for run, new in zip(self._moments, batch, strict=True):
                 run.mul_(decay).add_(new, alpha=1.0 - decay)
         else:
-            bases = self._nicolaides_bases()
+            bases = self._fixed_bases()
             fisher = exact_coarse_fisher(per_example_projections(stats, bases))
             if not bool(torch.isfinite(fisher).all()):
                 return
@@ -240,39 +213,30 @@ class TwoLevelKFAC(KFAC):
         self._stale = True
 
     # ------------------------------------------------------------------ coarse bases
-    def _nicolaides_bases(self) -> list[LayerBasis]:
-        return [normalise_basis(nicolaides_basis(b.shape), self.basis_norm) for b in self.blocks]
+    def _fixed_bases(self) -> list[LayerBasis]:
+        """Bases of a running-statistics space (they depend on the layer shapes only)."""
 
-    def _eigenpairs(self) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-        """(d_A, Q_A), (d_G, Q_G) per block: K-FAC's own in eigen mode, else computed and cached."""
-        if self._eig_cache is not None:
-            return self._eig_cache
-        pairs = []
-        for block in self.blocks:
-            if block.mode is DampingMode.eigen:
-                assert block.d_A is not None and block.Q_A is not None
-                assert block.d_G is not None and block.Q_G is not None
-                pairs.append(((block.d_A, block.Q_A), (block.d_G, block.Q_G)))
-                continue
-            eig_a, eig_g = robust_eigh(block.A), robust_eigh(block.G)
-            if eig_a is None or eig_g is None:
-                raise RuntimeError("two-level K-FAC: eigendecomposition of a factor failed")
-            pairs.append(((eig_a[0].clamp_min(0), eig_a[1]), (eig_g[0].clamp_min(0), eig_g[1])))
-        self._eig_cache = pairs
-        return pairs
+        def unavailable() -> Any:
+            raise RuntimeError(
+                f"{self.coarse_space.value}: a running-statistics space's basis "
+                "must not depend on the gradient or the factors"
+            )
 
-    def _krylov(self, block: KFACBlock, start: Tensor | None, *, ones: bool) -> LayerBasis:
-        """{r, K^-1 r, …, K^-(nbasis-1) r} on one layer (r = 1 when ``ones``)."""
-        current = torch.ones(block.shape, dtype=block.factor_dtype, device=block.weight.device)
-        vectors = []
-        if not ones:
-            assert start is not None
-            current = start
-            vectors.append(current)
-        for _ in range(self.nbasis - 1):
-            current = block.multiply_inverse(current)
-            vectors.append(current)
-        return dense_basis(torch.stack(vectors), with_ones=ones)
+        inputs = BasisInputs(
+            blocks=self.blocks,
+            grads=[],
+            nbasis=self.nbasis,
+            eigenpairs=unavailable,
+            residuals=unavailable,
+        )
+        return [normalise_basis(b, self.basis_norm) for b in self.strategy.bases(inputs)]
+
+    def _eigenpairs(self) -> list[EigenPairs]:
+        """Factor eigenpairs per block (`KFACBlock.factor_eigenpairs`), cached until the next
+        inverse refresh."""
+        if self._eig_cache is None:
+            self._eig_cache = [block.factor_eigenpairs() for block in self.blocks]
+        return self._eig_cache
 
     def _residual(
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
@@ -289,35 +253,19 @@ class TwoLevelKFAC(KFAC):
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
     ) -> list[LayerBasis]:
         """The coarse basis of every layer (normalised) for the current state and gradient."""
-        space = self.coarse_space
-        if space is CoarseSpace.nicolaides:
-            return self._nicolaides_bases()
-        if space is CoarseSpace.spectral:
-            bases = [
-                spectral_basis(eig_a=ea, eig_g=eg, nbasis=self.nbasis)
-                for ea, eg in self._eigenpairs()
-            ]
-        elif space is CoarseSpace.enriched:
-            bases = [
-                enriched_basis(grad=g, eig_a=ea, eig_g=eg, nbasis=self.nbasis)
-                for g, (ea, eg) in zip(grads, self._eigenpairs(), strict=True)
-            ]
-        elif space is CoarseSpace.krylov_nicolaides:
-            bases = [self._krylov(block, None, ones=True) for block in self.blocks]
-        else:
-            res = self._residual(grads, fine, stats)
-            if space is CoarseSpace.residual:
-                bases = [dense_basis(r[None]) for r in res]
-            else:
-                bases = [
-                    self._krylov(b, r, ones=False) for b, r in zip(self.blocks, res, strict=True)
-                ]
-        return [normalise_basis(b, self.basis_norm) for b in bases]
+        inputs = BasisInputs(
+            blocks=self.blocks,
+            grads=grads,
+            nbasis=self.nbasis,
+            eigenpairs=self._eigenpairs,
+            residuals=lambda: self._residual(grads, fine, stats),
+        )
+        return [normalise_basis(b, self.basis_norm) for b in self.strategy.bases(inputs)]
 
     # ------------------------------------------------------------------ coarse operator
     def _fisher_for(self, bases: list[LayerBasis], stats: list[LayerStats]) -> Tensor | None:
-        """F_c: running averages for Nicolaides, else from the latest statistics batch."""
-        if self.coarse_space is not CoarseSpace.nicolaides:
+        """F_c: running averages (Nicolaides), else from the latest statistics batch."""
+        if not self.strategy.running_statistics:
             return coarse_fisher(self.coarse_fisher, stats, bases)
         if self.coarse_fisher is CoarseFisher.exact:
             return self._exact_fisher
@@ -342,7 +290,7 @@ class TwoLevelKFAC(KFAC):
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
     ) -> _Operator | None:
         """The coarse operator for this step: cached, or rebuilt when due."""
-        if self.coarse_space.gradient_dependent:
+        if self.strategy.gradient_dependent:
             return self._build_operator(grads, fine, stats)
         if self._stale or self._operator is None:
             self._operator = self._build_operator(grads, fine, stats)
@@ -415,7 +363,7 @@ class TwoLevelKFAC(KFAC):
         """K-FAC's curvature state plus the running coarse statistics and the built operator."""
         state = super().curvature_state_dict()
         operator = None
-        if self._operator is not None and not self.coarse_space.gradient_dependent:
+        if self._operator is not None and not self.strategy.gradient_dependent:
             operator = {
                 "bases": [
                     {"ones_scale": b.ones_scale, "vectors": b.vectors, "shape": b.shape}
@@ -468,7 +416,7 @@ class TwoLevelKFAC(KFAC):
                 op["eigenvalues"].to(device).clone(), op["eigenvectors"].to(device).clone()
             )
             self._operator = _Operator(bases=bases, solver=solver, fisher=op["fisher"].to(device))
-        elif not self.coarse_space.gradient_dependent:
+        elif not self.strategy.gradient_dependent:
             self._stale = True
 
     # ------------------------------------------------------------------ diagnostics

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
+from optimizers.coarse import CoarseSpace
+from optimizers.coarse_spaces import SPACES
 from optimizers.registry import family_of
 from suite.config import register_configs
 from suite.preflight import compose_job
@@ -62,3 +64,18 @@ def test_preset_states_only_what_differs_from_what_it_includes(path: Path) -> No
     assert isinstance(own, dict)
     repeated = {k for k, v in own.items() if k in base and base[k] == v}
     assert not repeated, f"{path.name} restates {sorted(repeated)}"
+
+
+def test_every_coarse_space_has_a_strategy_and_a_preset() -> None:
+    """A coarse space is one strategy class (optimizers/coarse_spaces.py) and one preset."""
+    register_configs()
+    used = {
+        str(compose_job(["logger=none", f"optimizer={p.stem}"]).optimizer.coarse_space.value)
+        for p in PRESETS
+        if p.stem.startswith("kfac2")
+    }
+    assert set(SPACES) == set(CoarseSpace)
+    assert used == {space.value for space in CoarseSpace}
+    for space, strategy in SPACES.items():
+        assert strategy.space is space
+        strategy.check_nbasis(strategy.default_nbasis)  # the default suits the space
