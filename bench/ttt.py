@@ -9,7 +9,6 @@ the first evaluation whose full training-set loss is at or below the target.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from suite.environment import collect_environment
 from suite.preflight import compose_with_choices
 from suite.store import atomic_write_json, atomic_write_text, read_run
 from suite.train import RunContext, run
+from suite.tuning import check_record, grid_combinations, grid_points
 
 # Per-example Bernoulli NLL summed over the 784 pixels (nats), on the 4,000 offline training digits.
 TARGET_LOSS = 150.0
@@ -67,20 +67,14 @@ class TTTSettings:
         missing = [name for name in self.optimizers if name not in self.grid]
         if missing:
             raise ValueError(f"time-to-target grid: no grid for optimizer(s) {missing}")
+        grids = {name: self.grid[name] for name in self.optimizers}
+        budget = grid_points(grids[self.optimizers[0]]) if self.optimizers else 1
+        check_record({"budget": budget, "grid": grids})  # the tuning protocol's equal budget
 
 
 def target_labels(target_loss: float, extra_targets: tuple[float, ...] | list[float]) -> list[str]:
     """Keys of the targets in results: the primary first."""
     return [f"{t:g}" for t in (target_loss, *extra_targets)]
-
-
-def grid_points(grid: Grid) -> list[dict[str, float]]:
-    """Every combination of a grid's values, in a stable order."""
-    keys = sorted(grid)
-    return [
-        dict(zip(keys, values, strict=True))
-        for values in itertools.product(*(grid[k] for k in keys))
-    ]
 
 
 def overrides(
@@ -206,7 +200,7 @@ def run_time_to_target(settings: TTTSettings, *, root: Path) -> dict[str, Any]:
     for name in settings.optimizers:
         trials = [
             run_one(name, settings, root, point=point, seed=settings.tuning_seed)
-            for point in grid_points(settings.grid[name])
+            for point in grid_combinations(settings.grid[name])
         ]
         tuning[name] = trials
         winners[name] = min(trials, key=selection_key)["point"]

@@ -19,13 +19,14 @@ The protocol, applied the same way to every optimizer of a benchmark:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import shlex
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum
@@ -374,9 +375,18 @@ def print_selection(selections: Sequence[Selection]) -> None:
 
 
 # ---------------------------------------------------------------------------------- tune step
-def grid_points(grid: dict[str, Sequence[Any]]) -> int:
+def grid_points(grid: Mapping[str, Sequence[Any]]) -> int:
     """Number of trials of one optimizer's grid (the product of its axes' lengths)."""
     return math.prod(len(values) for values in grid.values())
+
+
+def grid_combinations(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every point of one optimizer's grid, in a stable order (settings sorted by name)."""
+    keys = sorted(grid)
+    return [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
 
 
 def tuning_record(experiment: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
