@@ -32,7 +32,7 @@ def main(cfg: DictConfig) -> str:
         job_dir=Path(hc.runtime.output_dir),
     )
     try:
-        status = run(cfg, ctx)
+        status = run(cfg, ctx).status
     except ConfigError as err:
         if multirun:  # let the launcher record this job as failed; the sweep goes on
             raise

@@ -9,7 +9,6 @@ the first evaluation whose full training-set loss is at or below the target.
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -18,8 +17,12 @@ from typing import Any
 
 import torch
 
+from suite.config import register_configs
 from suite.environment import collect_environment
-from suite.store import atomic_write_json, atomic_write_text, find_run_folders, read_run
+from suite.preflight import compose_with_choices
+from suite.store import atomic_write_json, atomic_write_text, read_run
+from suite.train import RunContext, run
+from suite.tuning import check_record, grid_combinations, grid_points
 
 # Per-example Bernoulli NLL summed over the 784 pixels (nats), on the 4,000 offline training digits.
 TARGET_LOSS = 150.0
@@ -64,20 +67,14 @@ class TTTSettings:
         missing = [name for name in self.optimizers if name not in self.grid]
         if missing:
             raise ValueError(f"time-to-target grid: no grid for optimizer(s) {missing}")
+        grids = {name: self.grid[name] for name in self.optimizers}
+        budget = grid_points(grids[self.optimizers[0]]) if self.optimizers else 1
+        check_record({"budget": budget, "grid": grids})  # the tuning protocol's equal budget
 
 
 def target_labels(target_loss: float, extra_targets: tuple[float, ...] | list[float]) -> list[str]:
     """Keys of the targets in results: the primary first."""
     return [f"{t:g}" for t in (target_loss, *extra_targets)]
-
-
-def grid_points(grid: Grid) -> list[dict[str, float]]:
-    """Every combination of a grid's values, in a stable order."""
-    keys = sorted(grid)
-    return [
-        dict(zip(keys, values, strict=True))
-        for values in itertools.product(*(grid[k] for k in keys))
-    ]
 
 
 def overrides(
@@ -122,18 +119,13 @@ def run_one(
     optimizer: str, settings: TTTSettings, root: Path, *, point: dict[str, float], seed: int
 ) -> dict[str, Any]:
     """Train one setting through suite.train and read its result back from the store."""
-    from suite.config import register_configs
-    from suite.preflight import compose_with_choices
-    from suite.train import RunContext, run
-
     register_configs()
-    before = set(find_run_folders(root)) if root.exists() else set()
     cfg, choices = compose_with_choices(
         overrides(optimizer, settings, root, point=point, seed=seed)
     )
     ctx = RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"])
-    status = run(cfg, ctx)
-    (folder,) = set(find_run_folders(root)) - before
+    outcome = run(cfg, ctx)
+    status, folder = outcome.status, outcome.folder
     stored = read_run(folder)
     final = stored.evals["train_loss"].iloc[-1]
     values = (settings.target_loss, *settings.extra_targets)
@@ -208,7 +200,7 @@ def run_time_to_target(settings: TTTSettings, *, root: Path) -> dict[str, Any]:
     for name in settings.optimizers:
         trials = [
             run_one(name, settings, root, point=point, seed=settings.tuning_seed)
-            for point in grid_points(settings.grid[name])
+            for point in grid_combinations(settings.grid[name])
         ]
         tuning[name] = trials
         winners[name] = min(trials, key=selection_key)["point"]

@@ -1,4 +1,4 @@
-"""Negative log-likelihood losses and their predictive samplers (REFERENCE §2 conventions).
+"""Negative log-likelihood losses and their predictive samplers (docs/method.md §2).
 
 Sequence outputs (categorical only): logits (B, T..., V) with the class dimension LAST and
 integer targets (B, T...); positions whose target equals ``ignore_index`` contribute nothing. The

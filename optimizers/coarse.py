@@ -1,8 +1,10 @@
-"""Coarse spaces, coarse Fisher matrices and the coarse solve of two-level K-FAC (REFERENCE §3).
+"""Coarse spaces, coarse Fisher matrices and the coarse solve of two-level K-FAC.
+
+The method: docs/method.md §4.
 
 Pure tensor functions; `optimizers/twolevel.py` wires them into the optimizer.
 
-Conventions (the suite's K-FAC contract, REFERENCE §2):
+Conventions (the suite's K-FAC contract, docs/method.md §2–3):
 
 - Layer i has a weight matrix W_i of shape d_out × d_in' (d_in' = d_in + 1 with a bias, the
   bias being the last column); a layer's parameter vector is W_i flattened row-major.
@@ -31,7 +33,7 @@ COARSE_PINV_RTOL = 1.0e-12
 
 
 class CoarseSpace(str, Enum):
-    """Which vectors span the coarse space of each layer."""
+    """Which vectors span the coarse space of each layer (strategies: optimizers/coarse_spaces)."""
 
     nicolaides = "nicolaides"  # one all-ones vector per layer (paper reconstruction)
     spectral = "spectral"  # q_G q_A^T at the smallest factor eigenvalues (Koroko et al.)
@@ -39,11 +41,6 @@ class CoarseSpace(str, Enum):
     krylov_nicolaides = "krylov_nicolaides"  # {1, K_i^-1 1} (Koroko et al.)
     krylov_residual = "krylov_residual"  # {r_i, K_i^-1 r_i}, r = residual (Koroko et al.)
     enriched = "enriched"  # 1 plus top K-FAC eigenvectors by gradient projection (2022)
-
-    @property
-    def gradient_dependent(self) -> bool:
-        """Whether the basis depends on the current gradient (so it is rebuilt every step)."""
-        return self in (CoarseSpace.residual, CoarseSpace.krylov_residual, CoarseSpace.enriched)
 
 
 class BasisNorm(str, Enum):

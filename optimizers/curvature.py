@@ -1,8 +1,8 @@
 """K-FAC curvature blocks: one object per preconditioned layer (Linear, Conv1d/2d, Embedding).
 
-Conventions (REFERENCE §2). Layer i computes s = W ā with ā the input (a homogeneous 1 appended
-when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being the
-last column; a Conv2d weight is flattened to C_out × (C_in·kh·kw) in the order of `F.unfold`.
+Conventions (docs/method.md §2-3). Layer i computes s = W ā with ā the input (a homogeneous 1
+appended when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being
+the last column; a Conv2d weight is flattened to C_out × (C_in·kh·kw) in the order of `F.unfold`.
 Kronecker products use column-major vec: (A ⊗ G) vec(X) = vec(G X A).
 
 Stages of a block, called by `optimizers.kfac.KFAC` in this order:
@@ -381,6 +381,20 @@ class KFACBlock:
         if mode is DampingMode.eigen:
             return self._update_eigen(damping)
         return self._update_factored(damping)
+
+    def factor_eigenpairs(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """(d_A, Q_A), (d_G, Q_G) of the current factors (eigenvalues clamped at 0).
+
+        In eigen mode the inverse's own decomposition; otherwise computed now (callers cache).
+        """
+        if self.mode is DampingMode.eigen:
+            assert self.d_A is not None and self.Q_A is not None
+            assert self.d_G is not None and self.Q_G is not None
+            return (self.d_A, self.Q_A), (self.d_G, self.Q_G)
+        eig_a, eig_g = robust_eigh(self.A), robust_eigh(self.G)
+        if eig_a is None or eig_g is None:
+            raise RuntimeError("two-level K-FAC: eigendecomposition of a factor failed")
+        return (eig_a[0].clamp_min(0), eig_a[1]), (eig_g[0].clamp_min(0), eig_g[1])
 
     def _update_eigen(self, damping: float) -> int:
         eig_a = robust_eigh(self.A)

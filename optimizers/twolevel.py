@@ -1,4 +1,6 @@
-"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants (REFERENCE §3).
+"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants.
+
+The method: docs/method.md §4.
 
 K-FAC's block-diagonal inverse K^-1 is corrected by a coarse solve that restores inter-layer
 curvature on a few directions per layer. With R0 (m × N) the restriction to the coarse space,
@@ -47,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.settings import bounded
 from optimizers.coarse import (
     BasisNorm,
     CoarseDamping,
@@ -57,25 +60,21 @@ from optimizers.coarse import (
     LayerStats,
     coarse_damping,
     coarse_fisher,
-    dense_basis,
-    enriched_basis,
     exact_coarse_fisher,
     factor_coarse,
     fisher_vector_product,
     kron_nicolaides_fisher,
     kron_scale,
-    nicolaides_basis,
     nicolaides_moments,
     normalise_basis,
     ones_scales,
     per_example_projections,
     prolong,
     restrict,
-    spectral_basis,
 )
-from optimizers.curvature import KFACBlock, ema_decay, robust_eigh
-from optimizers.enums import DampingMode, FisherType, parse_enum
-from optimizers.kfac import KFAC, KFACConfig, kfac_kwargs
+from optimizers.coarse_spaces import SPACES, BasisInputs, EigenPairs, resolve_nbasis
+from optimizers.curvature import ema_decay
+from optimizers.kfac import KFAC, KFACConfig
 
 # Diagnostics materialise per-example gradients (B × N): skipped above this many entries.
 DIAGNOSTICS_MAX_ENTRIES = 20_000_000
@@ -98,44 +97,25 @@ class Combination(str, Enum):
     balanced = "balanced"  # (I − Q F_λ) ω1 K^-1 (I − F_λ Q) g + Q g (first author, 2022)
 
 
-# Default and allowed number of basis vectors per layer for each coarse space.
-DEFAULT_NBASIS = {
-    CoarseSpace.nicolaides: 1,
-    CoarseSpace.spectral: 1,
-    CoarseSpace.residual: 1,
-    CoarseSpace.krylov_nicolaides: 2,
-    CoarseSpace.krylov_residual: 2,
-    CoarseSpace.enriched: 3,
-}
-
-
 @dataclass
 class TwoLevelKFACConfig(KFACConfig):
-    """Two-level K-FAC settings; defaults are the paper's reconstruction (REFERENCE §3)."""
+    """Two-level K-FAC settings; defaults are the paper's reconstruction (docs/method.md §4.2)."""
 
     name: str = "kfac2"
     coarse_space: CoarseSpace = CoarseSpace.nicolaides  # paper: one all-ones vector per layer
-    nbasis: int = 1  # vectors per layer (krylov: >= 2; enriched: all-ones + nbasis − 1)
+    nbasis: int | None = bounded(  # vectors per layer (krylov: >= 2; enriched: ones + nbasis − 1)
+        None, ge=1, integer=True, null="the coarse space's default"
+    )
     basis_norm: BasisNorm = BasisNorm.none  # paper: not normalised; Koroko et al.: max
     coarse_fisher: CoarseFisher = CoarseFisher.kron  # paper: kron; Koroko et al.: exact
     coarse_damping: CoarseDamping = CoarseDamping.diagonal  # paper: λ I; Koroko et al.: λ R0 R0^T
     combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
-    omega1: float = 1.0  # weight of the fine level (paper: 1); 0 leaves only the coarse step
-    omega2: float = 1.0  # weight of the coarse level (paper: 1); 0 gives K-FAC exactly
+    omega1: float = bounded(1.0, ge=0)  # weight of the fine level (paper: 1); 0: coarse step only
+    omega2: float = bounded(1.0, ge=0)  # weight of the coarse level (paper: 1); 0: K-FAC exactly
 
-
-def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
-    """The number of vectors per layer for a coarse space; a clear error when not allowed."""
-    if nbasis is None:
-        return DEFAULT_NBASIS[space]
-    count = int(nbasis)
-    if space in (CoarseSpace.nicolaides, CoarseSpace.residual) and count != 1:
-        raise ValueError(f"nbasis: {space.value} has exactly 1 vector per layer; got {nbasis}")
-    if space in (CoarseSpace.krylov_nicolaides, CoarseSpace.krylov_residual) and count < 2:
-        raise ValueError(f"nbasis: {space.value} needs >= 2 Krylov vectors; got {nbasis}")
-    if count < 1:
-        raise ValueError(f"nbasis: must be >= 1 (or null for the default); got {nbasis}")
-    return count
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolve_nbasis(self.coarse_space, self.nbasis)  # the count must suit the space
 
 
 @dataclass
@@ -150,33 +130,25 @@ class _Operator:
 class TwoLevelKFAC(KFAC):
     """K-FAC with a coarse-space correction; see the module docstring."""
 
+    config_type: type[KFACConfig] = TwoLevelKFACConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        coarse_space: CoarseSpace | str = CoarseSpace.nicolaides,
-        nbasis: int | None = None,
-        basis_norm: BasisNorm | str = BasisNorm.none,
-        coarse_fisher: CoarseFisher | str = CoarseFisher.kron,
-        coarse_damping: CoarseDamping | str = CoarseDamping.diagonal,
-        combination: Combination | str = Combination.additive,
-        omega1: float = 1.0,
-        omega2: float = 1.0,
-        **kfac: Any,
+        self, model: nn.Module, config: TwoLevelKFACConfig | None = None, **settings: Any
     ) -> None:
-        self.coarse_space = parse_enum(CoarseSpace, coarse_space, setting="coarse_space")
-        self.nbasis = resolve_nbasis(self.coarse_space, nbasis)
-        self.basis_norm = parse_enum(BasisNorm, basis_norm, setting="basis_norm")
-        self.coarse_fisher = parse_enum(CoarseFisher, coarse_fisher, setting="coarse_fisher")
-        self.coarse_damping = parse_enum(CoarseDamping, coarse_damping, setting="coarse_damping")
-        self.combination = parse_enum(Combination, combination, setting="combination")
-        if not (math.isfinite(omega1) and omega1 >= 0):
-            raise ValueError(f"omega1: got {omega1!r}; allowed: a finite number >= 0")
-        if not (math.isfinite(omega2) and omega2 >= 0):
-            raise ValueError(f"omega2: got {omega2!r}; allowed: a finite number >= 0")
-        self.omega1 = float(omega1)
-        self.omega2 = float(omega2)
-        super().__init__(model, **kfac)
+        """Two-level K-FAC over ``model`` with ``config`` (default: `TwoLevelKFACConfig()`),
+        single fields replaced by ``settings``; an invalid value raises a one-line ConfigError."""
+        super().__init__(model, config, **settings)
+        cfg = self.config
+        assert isinstance(cfg, TwoLevelKFACConfig)
+        self.coarse_space = cfg.coarse_space
+        self.strategy = SPACES[cfg.coarse_space]
+        self.nbasis = resolve_nbasis(cfg.coarse_space, cfg.nbasis)
+        self.basis_norm = cfg.basis_norm
+        self.coarse_fisher = cfg.coarse_fisher
+        self.coarse_damping = cfg.coarse_damping
+        self.combination = cfg.combination
+        self.omega1 = float(cfg.omega1)
+        self.omega2 = float(cfg.omega2)
         unsupported = [
             f"'{name}' ({block.kind})"
             for name, block in zip(self.block_names, self.blocks, strict=True)
@@ -196,7 +168,7 @@ class TwoLevelKFAC(KFAC):
         self.coarse_updates = 0
         self._operator: _Operator | None = None
         self._stale = True
-        self._eig_cache: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
+        self._eig_cache: list[EigenPairs] | None = None
         self._last: dict[str, Any] | None = None
         self._nondescent: Tensor | None = None
 
@@ -225,7 +197,7 @@ class TwoLevelKFAC(KFAC):
     def update_statistics(self) -> None:
         """K-FAC's running factors, then the Nicolaides running coarse statistics."""
         super().update_statistics()
-        if not self.coarse_active or self.coarse_space is not CoarseSpace.nicolaides:
+        if not self.coarse_active or not self.strategy.running_statistics:
             return
         stats = self.layer_stats()
         if stats is None:
@@ -240,7 +212,7 @@ class TwoLevelKFAC(KFAC):
             for run, new in zip(self._moments, batch, strict=True):
                 run.mul_(decay).add_(new, alpha=1.0 - decay)
         else:
-            bases = self._nicolaides_bases()
+            bases = self._fixed_bases()
             fisher = exact_coarse_fisher(per_example_projections(stats, bases))
             if not bool(torch.isfinite(fisher).all()):
                 return
@@ -264,39 +236,30 @@ class TwoLevelKFAC(KFAC):
         self._stale = True
 
     # ------------------------------------------------------------------ coarse bases
-    def _nicolaides_bases(self) -> list[LayerBasis]:
-        return [normalise_basis(nicolaides_basis(b.shape), self.basis_norm) for b in self.blocks]
+    def _fixed_bases(self) -> list[LayerBasis]:
+        """Bases of a running-statistics space (they depend on the layer shapes only)."""
 
-    def _eigenpairs(self) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-        """(d_A, Q_A), (d_G, Q_G) per block: K-FAC's own in eigen mode, else computed and cached."""
-        if self._eig_cache is not None:
-            return self._eig_cache
-        pairs = []
-        for block in self.blocks:
-            if block.mode is DampingMode.eigen:
-                assert block.d_A is not None and block.Q_A is not None
-                assert block.d_G is not None and block.Q_G is not None
-                pairs.append(((block.d_A, block.Q_A), (block.d_G, block.Q_G)))
-                continue
-            eig_a, eig_g = robust_eigh(block.A), robust_eigh(block.G)
-            if eig_a is None or eig_g is None:
-                raise RuntimeError("two-level K-FAC: eigendecomposition of a factor failed")
-            pairs.append(((eig_a[0].clamp_min(0), eig_a[1]), (eig_g[0].clamp_min(0), eig_g[1])))
-        self._eig_cache = pairs
-        return pairs
+        def unavailable() -> Any:
+            raise RuntimeError(
+                f"{self.coarse_space.value}: a running-statistics space's basis "
+                "must not depend on the gradient or the factors"
+            )
 
-    def _krylov(self, block: KFACBlock, start: Tensor | None, *, ones: bool) -> LayerBasis:
-        """{r, K^-1 r, …, K^-(nbasis-1) r} on one layer (r = 1 when ``ones``)."""
-        current = torch.ones(block.shape, dtype=block.factor_dtype, device=block.weight.device)
-        vectors = []
-        if not ones:
-            assert start is not None
-            current = start
-            vectors.append(current)
-        for _ in range(self.nbasis - 1):
-            current = block.multiply_inverse(current)
-            vectors.append(current)
-        return dense_basis(torch.stack(vectors), with_ones=ones)
+        inputs = BasisInputs(
+            blocks=self.blocks,
+            grads=[],
+            nbasis=self.nbasis,
+            eigenpairs=unavailable,
+            residuals=unavailable,
+        )
+        return [normalise_basis(b, self.basis_norm) for b in self.strategy.bases(inputs)]
+
+    def _eigenpairs(self) -> list[EigenPairs]:
+        """Factor eigenpairs per block (`KFACBlock.factor_eigenpairs`), cached until the next
+        inverse refresh."""
+        if self._eig_cache is None:
+            self._eig_cache = [block.factor_eigenpairs() for block in self.blocks]
+        return self._eig_cache
 
     def _residual(
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
@@ -313,35 +276,19 @@ class TwoLevelKFAC(KFAC):
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
     ) -> list[LayerBasis]:
         """The coarse basis of every layer (normalised) for the current state and gradient."""
-        space = self.coarse_space
-        if space is CoarseSpace.nicolaides:
-            return self._nicolaides_bases()
-        if space is CoarseSpace.spectral:
-            bases = [
-                spectral_basis(eig_a=ea, eig_g=eg, nbasis=self.nbasis)
-                for ea, eg in self._eigenpairs()
-            ]
-        elif space is CoarseSpace.enriched:
-            bases = [
-                enriched_basis(grad=g, eig_a=ea, eig_g=eg, nbasis=self.nbasis)
-                for g, (ea, eg) in zip(grads, self._eigenpairs(), strict=True)
-            ]
-        elif space is CoarseSpace.krylov_nicolaides:
-            bases = [self._krylov(block, None, ones=True) for block in self.blocks]
-        else:
-            res = self._residual(grads, fine, stats)
-            if space is CoarseSpace.residual:
-                bases = [dense_basis(r[None]) for r in res]
-            else:
-                bases = [
-                    self._krylov(b, r, ones=False) for b, r in zip(self.blocks, res, strict=True)
-                ]
-        return [normalise_basis(b, self.basis_norm) for b in bases]
+        inputs = BasisInputs(
+            blocks=self.blocks,
+            grads=grads,
+            nbasis=self.nbasis,
+            eigenpairs=self._eigenpairs,
+            residuals=lambda: self._residual(grads, fine, stats),
+        )
+        return [normalise_basis(b, self.basis_norm) for b in self.strategy.bases(inputs)]
 
     # ------------------------------------------------------------------ coarse operator
     def _fisher_for(self, bases: list[LayerBasis], stats: list[LayerStats]) -> Tensor | None:
-        """F_c: running averages for Nicolaides, else from the latest statistics batch."""
-        if self.coarse_space is not CoarseSpace.nicolaides:
+        """F_c: running averages (Nicolaides), else from the latest statistics batch."""
+        if not self.strategy.running_statistics:
             return coarse_fisher(self.coarse_fisher, stats, bases)
         if self.coarse_fisher is CoarseFisher.exact:
             return self._exact_fisher
@@ -396,7 +343,7 @@ class TwoLevelKFAC(KFAC):
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
     ) -> _Operator | None:
         """The coarse operator for this step: cached, or rebuilt when due."""
-        if self.coarse_space.gradient_dependent:
+        if self.strategy.gradient_dependent:
             return self._build_operator(grads, fine, stats)
         if self._stale or self._operator is None:
             self._operator = self._build_operator(grads, fine, stats)
@@ -481,7 +428,7 @@ class TwoLevelKFAC(KFAC):
         """K-FAC's curvature state plus the running coarse statistics and the built operator."""
         state = super().curvature_state_dict()
         operator = None
-        if self._operator is not None and not self.coarse_space.gradient_dependent:
+        if self._operator is not None and not self.strategy.gradient_dependent:
             operator = {
                 "bases": [
                     {"ones_scale": b.ones_scale, "vectors": b.vectors, "shape": b.shape}
@@ -537,7 +484,7 @@ class TwoLevelKFAC(KFAC):
                 op["eigenvalues"].to(device).clone(), op["eigenvectors"].to(device).clone()
             )
             self._operator = _Operator(bases=bases, solver=solver, fisher=op["fisher"].to(device))
-        elif not self.coarse_space.gradient_dependent:
+        elif not self.strategy.gradient_dependent:
             self._stale = True
 
     # ------------------------------------------------------------------ diagnostics
@@ -618,20 +565,6 @@ def _damped_solve(jac: Tensor, grad: Tensor, lam: float, dense: Tensor | None) -
     return (grad - jac.T @ torch.linalg.solve(small, jac @ grad)) / lam
 
 
-def build_kfac2(model: nn.Module, cfg: TwoLevelKFACConfig) -> TwoLevelKFAC:
-    """Two-level K-FAC over ``model`` with the settings of ``cfg``."""
-    kwargs = kfac_kwargs(cfg)
-    kwargs["damping_mode"] = parse_enum(DampingMode, kwargs["damping_mode"], setting="damping_mode")
-    kwargs["fisher"] = parse_enum(FisherType, kwargs["fisher"], setting="fisher")
-    return TwoLevelKFAC(
-        model,
-        coarse_space=parse_enum(CoarseSpace, cfg.coarse_space, setting="coarse_space"),
-        nbasis=None if cfg.nbasis is None else int(cfg.nbasis),
-        basis_norm=parse_enum(BasisNorm, cfg.basis_norm, setting="basis_norm"),
-        coarse_fisher=parse_enum(CoarseFisher, cfg.coarse_fisher, setting="coarse_fisher"),
-        coarse_damping=parse_enum(CoarseDamping, cfg.coarse_damping, setting="coarse_damping"),
-        combination=parse_enum(Combination, cfg.combination, setting="combination"),
-        omega1=float(cfg.omega1),
-        omega2=float(cfg.omega2),
-        **kwargs,
-    )
+def build_kfac2(model: nn.Module, cfg: Any) -> TwoLevelKFAC:
+    """Two-level K-FAC over ``model`` with the settings of ``cfg`` (config or DictConfig)."""
+    return TwoLevelKFAC.from_config(model, cfg)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from core.errors import ConfigError
+from suite.config import register_configs
 from suite.validate import check_writable, validate_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -51,6 +52,15 @@ def group_options(group: str) -> list[str]:
     """Presets available in a config group folder."""
     folder = CONF_DIR / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def optimizer_family(preset: str) -> str:
+    """The family (schema ``name``) of an optimizer preset, as composition resolves it."""
+    if preset not in group_options("optimizer"):
+        allowed = ", ".join(group_options("optimizer"))
+        raise ConfigError("optimizer", f"unknown option '{preset}'; allowed: {allowed}")
+    register_configs()
+    return str(compose_job([f"optimizer={preset}", "logger=none"]).optimizer.name)
 
 
 def one_line(err: Exception) -> str:

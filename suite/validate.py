@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,39 +11,19 @@ import torch
 from omegaconf import DictConfig
 
 from core.errors import ConfigError
+from core.settings import settings_from
+from datasets.config import DataConfig
+from optimizers.registry import family_of
+from suite.config import LoggerConfig, TrainerConfig, TuningConfig
 
-# (setting, predicate, what is allowed); applied when the setting exists in the config.
-Rule = tuple[str, Callable[[Any], bool], str]
-
-RULES: list[Rule] = [
-    ("optimizer.lr", lambda v: v > 0, "a positive number"),
-    ("optimizer.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.eps", lambda v: v > 0, "a positive number"),
-    ("optimizer.damping", lambda v: v > 0, "a positive number"),
-    ("optimizer.ema_max", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.cov_period", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.inv_period", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.stats_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("optimizer.kl_clip", lambda v: v is None or v > 0, "null (off) or a positive number"),
-    ("optimizer.omega1", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.omega2", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.nbasis", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.epochs", lambda v: v >= 0, "an integer >= 0"),
-    ("trainer.max_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.eval_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.threads", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.lr_gamma", lambda v: v > 0, "a positive number"),
-    ("trainer.checkpoint_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.checkpoint_every_minutes", lambda v: v is None or v > 0, "null or a number > 0"),
-    ("trainer.diverge_loss", lambda v: v > 0, "a positive number"),
-    ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("logger.backend", lambda v: v in ("wandb", "none"), "one of: wandb, none"),
-]
+# Config nodes checked against their schema's ranges (`core.settings`), in this order.
+NODES: tuple[tuple[str, type | None], ...] = (
+    ("optimizer", None),  # the schema of the optimizer's family
+    ("trainer", TrainerConfig),
+    ("data", DataConfig),
+    ("logger", LoggerConfig),
+    ("tuning", TuningConfig),
+)
 
 
 def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
@@ -54,6 +33,14 @@ def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def check_node(prefix: str, schema: type, node: Any) -> None:
+    """Build ``schema`` from ``node`` (its checks run); errors name ``prefix.setting``."""
+    try:
+        settings_from(schema, node)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err.setting}", err.problem) from None
 
 
 def check_writable(root: Path) -> None:
@@ -71,18 +58,16 @@ def check_writable(root: Path) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid setting of a composed config."""
-    for setting, allowed, description in RULES:
-        present, value = _get(cfg, setting)
-        if not present:
+    """Raise ConfigError for the first invalid setting of a composed config.
+
+    Single settings are checked by their schema (ranges declared with the field); the rules
+    below are the ones across settings.
+    """
+    for prefix, schema in NODES:
+        if prefix not in cfg or cfg[prefix] is None:
             continue
-        ok = False
-        try:
-            ok = bool(allowed(value))
-        except TypeError:
-            ok = False
-        if not ok:
-            raise ConfigError(setting, f"got {value!r}; allowed: {description}")
+        node = cfg[prefix]
+        check_node(prefix, family_of(node).schema if schema is None else schema, node)
     milestones = list(cfg.trainer.lr_milestones)
     if milestones != sorted(set(milestones)) or any(m < 1 for m in milestones):
         raise ConfigError(

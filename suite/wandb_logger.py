@@ -62,7 +62,7 @@ class WandbLogger:
         config: dict[str, Any],
         resume: bool,
     ) -> None:
-        import wandb
+        import wandb  # lazy: optional heavy dependency, loaded only when used
 
         self.mode = resolve_mode(cfg.mode)
         self._run = wandb.init(

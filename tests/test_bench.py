@@ -38,7 +38,6 @@ from bench.ttt import (
     DEFAULT_GRID,
     TTTSettings,
     first_reaching,
-    grid_points,
     overrides,
     run_time_to_target,
     selection_key,
@@ -46,7 +45,8 @@ from bench.ttt import (
     write_ttt,
 )
 from bench.ttt import summarise as summarise_reruns
-from suite.train import Trainer
+from suite.step import train_step
+from suite.tuning import grid_combinations
 
 REL = 1e-12
 
@@ -189,7 +189,7 @@ def test_stopwatch_times_are_exclusive(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_timed_step_is_the_trainers() -> None:
     problem = build_problem(ProblemName.TOY, batch=4, device=torch.device("cpu"))
     contender = Contender(method=Method(label="sgd", preset="sgd"), problem=problem)
-    assert contender.step_fn.__func__ is Trainer._step  # type: ignore[attr-defined]
+    assert contender.step_fn.func is train_step  # type: ignore[attr-defined]
     before = [p.detach().clone() for p in contender.model.parameters()]
     contender.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, contender.model.parameters()))
@@ -238,7 +238,7 @@ def test_time_to_target_reads_the_first_evaluation_at_target(tmp_path: Path) -> 
     register_configs()
     settings = TTTSettings()
     for optimizer in ("sgd", "kfac2"):
-        point = grid_points(settings.grid[optimizer])[-1]
+        point = grid_combinations(settings.grid[optimizer])[-1]
         cfg, _ = compose_with_choices(overrides(optimizer, settings, tmp_path, point=point, seed=7))
         validate_config(cfg)
         assert cfg.trainer.eval_every_steps == 4 and cfg.trainer.seed == 7
@@ -247,9 +247,9 @@ def test_time_to_target_reads_the_first_evaluation_at_target(tmp_path: Path) -> 
 
 
 def test_time_to_target_gives_every_optimizer_the_same_budget() -> None:
-    budgets = {name: len(grid_points(grid)) for name, grid in DEFAULT_GRID.items()}
+    budgets = {name: len(grid_combinations(grid)) for name, grid in DEFAULT_GRID.items()}
     assert set(budgets) == {"sgd", "adam", "kfac", "kfac2"} and set(budgets.values()) == {4}
-    assert grid_points({"lr": [1.0, 2.0], "damping": [0.1]}) == [
+    assert grid_combinations({"lr": [1.0, 2.0], "damping": [0.1]}) == [
         {"damping": 0.1, "lr": 1.0},
         {"damping": 0.1, "lr": 2.0},
     ]

@@ -20,7 +20,7 @@ PREFLIGHT_CASES = [
     (["trainer.epoch=3"], "trainer.epoch: unknown setting"),
     (["trainer.epochs=abc"], "trainer.epochs: Value 'abc'"),
     (["trainer.device=tpu"], "trainer.device: Invalid value 'tpu'"),
-    (["optimizer=sgd", "optimizer.lr=-0.1"], "optimizer.lr: got -0.1; allowed: a positive number"),
+    (["optimizer=sgd", "optimizer.lr=-0.1"], "optimizer.lr: got -0.1; allowed: a number >= 0"),
     (
         ["optimizer=sgd", "optimizer.momentum=1.5"],
         "optimizer.momentum: got 1.5; allowed: a number in [0, 1)",
