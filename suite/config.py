@@ -65,6 +65,7 @@ class TrainerConfig:
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 10.0
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)
+    keep_checkpoint: bool = False  # keep checkpoint.pt of completed/diverged runs (else removed)
     diverge_loss: float = 1.0e8  # a batch loss above this (or non-finite) marks divergence
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
@@ -79,6 +80,7 @@ class LoggerConfig:
     entity: str | None = None
     mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
+    step_every: int = 10  # per-step rows (batch loss, lr, step time) sent every this many steps
 
 
 @dataclass
@@ -107,7 +109,11 @@ def register_configs() -> None:
     """Register the top-level schema and every group schema with Hydra."""
     from models.config import SCHEMAS as MODEL_SCHEMAS
     from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
+    from suite.preflight import register_help_resolver
+    from suite.sweep import register_resolvers
 
+    register_resolvers()
+    register_help_resolver()
     store = ConfigStore.instance()
     store.store(name="schema_config", node=Config)
     store.store(group="logger", name="schema_logger", node=LoggerConfig)

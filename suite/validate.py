@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -9,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
+
+UNKNOWN_SETTING = "unknown setting (misspelled? `python run.py --cfg job` lists all settings)"
+# Integer settings where every value is meaningful (seeds); every other number has a range.
+UNBOUNDED = ("trainer.seed", "data.data_seed", "optimizer.seed")
 
 # (setting, predicate, what is allowed); applied when the setting exists in the config.
 Rule = tuple[str, Callable[[Any], bool], str]
@@ -32,6 +38,16 @@ RULES: list[Rule] = [
     ("optimizer.omega1", lambda v: v >= 0, "a number >= 0"),
     ("optimizer.omega2", lambda v: v >= 0, "a number >= 0"),
     ("optimizer.nbasis", lambda v: v >= 1, "an integer >= 1"),
+    ("optimizer.damping_period", lambda v: v >= 1, "an integer >= 1"),
+    ("optimizer.damping_decay", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("model.sparse_connections", lambda v: v >= 1, "an integer >= 1"),
+    ("model.depth", lambda v: v >= 1, "an integer >= 1"),
+    ("model.width", lambda v: v >= 1, "an integer >= 1"),
+    ("model.input_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("model.output_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("model.in_channels", lambda v: v >= 1, "an integer >= 1"),
+    ("model.num_classes", lambda v: v >= 2, "an integer >= 2"),
+    ("model.image_size", lambda v: v >= 1, "an integer >= 1"),
     ("trainer.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("trainer.max_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -43,6 +59,8 @@ RULES: list[Rule] = [
     ("trainer.checkpoint_every_minutes", lambda v: v is None or v > 0, "null or a number > 0"),
     ("trainer.diverge_loss", lambda v: v > 0, "a positive number"),
     ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("data.max_train", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("logger.step_every", lambda v: v >= 1, "an integer >= 1"),
     ("logger.backend", lambda v: v in ("wandb", "none"), "one of: wandb, none"),
 ]
 
@@ -65,13 +83,36 @@ def check_writable(root: Path) -> None:
             pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
+        blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            reason = f"'{blocker}' is a file, not a folder; allowed: a folder path"
         raise ConfigError(setting, f"cannot write run folders under '{root}' ({reason})") from None
     if not os.access(root, os.W_OK):
         raise ConfigError(setting, f"cannot write run folders under '{root}'")
 
 
+def check_known_and_finite(node: DictConfig, prefix: str = "") -> None:
+    """Every key is declared by its node's schema (no ``+trainer.foo=1``), every float finite."""
+    schema = OmegaConf.get_type(node)
+    declared = (
+        {f.name for f in dataclasses.fields(schema)}
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema)
+        else None
+    )
+    for key in [str(k) for k in node]:
+        setting = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            raise ConfigError(setting, UNKNOWN_SETTING)
+        value = node[key]
+        if isinstance(value, DictConfig):
+            check_known_and_finite(value, f"{setting}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(setting, f"got {value}; allowed: a finite number")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid setting of a composed config."""
+    check_known_and_finite(cfg)
     for setting, allowed, description in RULES:
         present, value = _get(cfg, setting)
         if not present:
