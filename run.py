@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> str:
         overrides=[str(o) for o in hc.overrides.task],
     )
     try:
-        status = run(cfg, ctx)
+        status = run(cfg, ctx).status
     except ConfigError as err:
         if multirun:
             return _job_failed(ctx, err)

@@ -1,4 +1,4 @@
-"""Published numbers to compare against (REFERENCE.md §5), as data with source and caveats."""
+"""Published numbers to compare against (docs/method.md §5), as data with source and caveats."""
 
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def published_comparison(results: ResultsSet, *, benchmark: str) -> str:
     """Markdown comparing our final losses with the published ones for this benchmark."""
     entry = published_for(benchmark)
     if entry is None:
-        return "No published numbers for this benchmark in REFERENCE §5.\n"
+        return "No published numbers for this benchmark in docs/method.md §5.\n"
     column = f"final_{entry.our_column}"
     lines = [
         f"Published ({entry.setting}, batch {entry.batch_size}"
@@ -175,9 +175,9 @@ def render_report(inputs: ReportInputs) -> str:
         f"Code versions: {', '.join(f'`{v}`' for v in versions) or 'unknown'}.",
         f"Figures and the first tables show {LOSS_NOTE[inputs.loss_kind.value]}.",
         "",
-        "Question (REFERENCE §1): does the coarse-space correction of two-level K-FAC lower the "
-        "loss reached by K-FAC? Each answer below is a paired comparison over seeds with its "
-        "test, so either outcome is reported as measured.",
+        "Question (docs/method.md §1): does the coarse-space correction of two-level K-FAC "
+        "lower the loss reached by K-FAC? Each answer below is a paired comparison over seeds "
+        "with its test, so either outcome is reported as measured.",
         "",
         "## Verdicts",
         "",

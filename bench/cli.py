@@ -7,9 +7,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from bench.floors import Periods
 from bench.problems import ProblemName
+from bench.report import write
+from bench.runner import benchmark
 from bench.settings import BenchSettings, quick_settings
+from bench.ttt import TTTSettings, run_time_to_target, write_ttt
 
 
 def _periods(text: str) -> list[Periods]:
@@ -72,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flush-denormal",
         choices=("on", "off"),
-        help="force torch.set_flush_denormal (default: as suite.train.seed_everything sets it)",
+        help="force torch.set_flush_denormal (default: as suite.seeding.seed_everything sets it)",
     )
     p.add_argument("--no-stages", action="store_true", help="skip the per-stage breakdown")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -112,22 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or the time-to-target mode) and write JSON and Markdown."""
     args = parser().parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("--device: got cuda; no CUDA device is available here", file=sys.stderr)
-            return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device: got cuda; no CUDA device is available here", file=sys.stderr)
+        return 2
     if args.time_to_target:
-        from bench.ttt import TTTSettings, run_time_to_target, write_ttt
-
         ttt = TTTSettings(threads=args.threads, quick=args.quick)
         result = run_time_to_target(ttt, root=args.out / "ttt_runs")
         paths = write_ttt(result, args.out)
     else:
-        from bench.report import write
-        from bench.runner import benchmark
-
         result = benchmark(settings_from(args))
         paths = write(result, args.out)
     for path in paths:

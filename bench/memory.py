@@ -20,6 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from bench.methods import Method
+from bench.problems import ProblemName, build_problem
+from bench.timing import Contender
+from suite.seeding import seed_everything
+
 REPO = Path(__file__).resolve().parent.parent
 KIB = 1024
 
@@ -40,8 +47,6 @@ def peak_rss_bytes() -> int:
 
 def _warm_runtime(device: Any) -> None:
     """A tiny step and factorisations, so lazily loaded kernels and pools count as baseline."""
-    import torch
-
     layer = torch.nn.Linear(3, 3).to(device)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
     layer(torch.randn(4, 3, device=device)).sum().backward()
@@ -53,13 +58,6 @@ def _warm_runtime(device: Any) -> None:
 
 def child(request: dict[str, Any]) -> dict[str, Any]:
     """Measure in this process (the subprocess side)."""
-    import torch
-
-    from bench.methods import Method
-    from bench.problems import ProblemName, build_problem
-    from bench.timing import Contender
-    from suite.train import seed_everything
-
     if request.get("flush_denormal") is not None:  # before the thread pool starts
         torch.set_flush_denormal(bool(request["flush_denormal"]))
     torch.set_num_threads(int(request["threads"]))

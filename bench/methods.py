@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from bench.floors import Periods, StepKind
+from optimizers.registry import build_optimizer, family_of
+from suite.config import register_configs
+from suite.preflight import compose_job
 
 CONF_OPTIMIZER = Path(__file__).resolve().parent.parent / "conf" / "optimizer"
 BASELINES = ("sgd", "adam")
@@ -64,8 +66,6 @@ class Method:
 
     def build(self, model: nn.Module) -> torch.optim.Optimizer:
         """The optimizer over ``model``, through the suite's registry."""
-        from optimizers.registry import build_optimizer
-
         return build_optimizer(model, self.config())
 
     def to_json(self) -> str:
@@ -116,12 +116,9 @@ def _compose(preset: str, overrides: dict[str, Any]) -> DictConfig:
     if not path.is_file():
         allowed = ", ".join(available_presets())
         raise ValueError(f"optimizer preset: got {preset!r}; allowed: {allowed}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    raw.pop("defaults", None)
-    from optimizers.registry import FAMILIES
-
-    family = FAMILIES[str(raw["name"])]
-    cfg = OmegaConf.merge(OmegaConf.structured(family.schema), raw)
+    register_configs()
+    composed = compose_job([f"optimizer={preset}", "logger=none"]).optimizer
+    cfg = OmegaConf.merge(OmegaConf.structured(family_of(composed).schema), composed)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     assert isinstance(cfg, DictConfig)

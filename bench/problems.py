@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from bench.floors import LayerShape, layer_shapes
 from core.likelihood import Likelihood
+from datasets import DataConfig, load_dataset
+from models import build_model
 
 log = logging.getLogger("bench")
 CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
@@ -147,8 +149,6 @@ def build_problem_model(spec: ProblemSpec) -> nn.Module:
     cfg = None if spec.model_preset is None else _model_cfg(spec.model_preset)
     if cfg is None:
         return inline_model(spec.name)
-    from models import build_model
-
     return build_model(cfg)
 
 
@@ -169,8 +169,6 @@ def _generated(spec: ProblemSpec, count: int, *, seed: int) -> tuple[Tensor, Ten
 
 def _mnist(count: int) -> tuple[Tensor, str] | None:
     try:
-        from datasets import DataConfig, load_dataset
-
         bundle = load_dataset("mnist", DataConfig(), device=torch.device("cpu"), seed=0)
     except Exception as err:  # any failure: fall back to generated data, said in the report
         log.warning("bench: MNIST not loadable (%s); using generated data", err)

@@ -26,7 +26,7 @@ def _x(ratio: float | None) -> str:
 
 def _flush(setting: bool | None) -> str:
     if setting is None:
-        return "as suite.train.seed_everything leaves them"
+        return "as suite.seeding.seed_everything leaves them"
     return "flushed to zero (forced)" if setting else "kept (forced)"
 
 

@@ -30,7 +30,7 @@ from bench.stages import amortised_from_stages, breakdown, measure_stages, stage
 from bench.targets import all_targets
 from bench.timing import Contender, denormal_fraction, interleave, steps_per_repeat, summarise
 from suite.environment import collect_environment
-from suite.train import seed_everything
+from suite.seeding import seed_everything
 
 Log = Callable[[str], None]
 
@@ -259,7 +259,7 @@ def benchmark(settings: BenchSettings, *, log: Log = _log) -> dict[str, Any]:
             "settings": settings.as_dict(),
             "started_unix": started,
             "elapsed_s": time.time() - started,
-            "timed_step": "suite.train.Trainer._step (stage breakdown: bench.stages replica)",
+            "timed_step": "suite.step.train_step (stage breakdown: bench.stages replica)",
         },
         "throughput": {
             "before": vars(before),

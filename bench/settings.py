@@ -35,7 +35,7 @@ class BenchSettings:
     stages: bool = True
     quick: bool = False
     seed: int = 0
-    # torch.set_flush_denormal: None leaves it as suite.train.seed_everything sets it (the
+    # torch.set_flush_denormal: None leaves it as suite.seeding.seed_everything sets it (the
     # training loop's behaviour); True/False force it
     flush_denormal: bool | None = None
 

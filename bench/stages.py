@@ -1,6 +1,6 @@
 """Per-stage breakdown of a K-FAC-family step, with explicit timers and exclusive times.
 
-`instrumented_step` replicates `suite.train.Trainer._step` (the plain-loop protocol, same calls
+`instrumented_step` replicates `suite.step.train_step` (the plain-loop protocol, same calls
 in the same order) with a timer around each protocol call, and `instrument` wraps the curvature
 blocks' stage methods and the optimizer's stage methods on the instances, so the stages the
 optimizer runs inside `capture`, `fisher_backward` and `step` are timed where they happen. Each
@@ -112,7 +112,7 @@ def instrument(optimizer: torch.optim.Optimizer, watch: Stopwatch) -> None:
 
 
 def instrumented_step(contender: Contender, watch: Stopwatch) -> float:
-    """One step of the plain-loop protocol (a replica of Trainer._step) with stage timers."""
+    """One step of the plain-loop protocol (a replica of train_step) with stage timers."""
     model, optimizer = contender.model, contender.optimizer
     likelihood = contender.problem.likelihood
     x, target = contender.next_batch()

@@ -1,8 +1,7 @@
 """Interleaved step timing: every method steps in turn, so machine drift hits all alike.
 
-The timed step is `suite.train.Trainer._step` itself, called on a Trainer that holds only the
-model, optimizer, likelihood and family (`trainer_step`), and timed as the training loop times
-it (`time.perf_counter` around the call).
+The timed step is `suite.step.train_step` itself, the step the training loop takes, timed as
+the training loop times it (`time.perf_counter` around the call).
 """
 
 from __future__ import annotations
@@ -13,19 +12,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from bench.floors import Periods
 from bench.methods import Method
 from bench.problems import Problem
 from core.likelihood import Likelihood
-from optimizers.registry import Family, family_of
-from suite.checkpoint import Progress
-from suite.train import RunDiverged, Trainer
+from suite.step import RunDiverged, train_step
 
 
 class StepClass(str, Enum):
@@ -37,21 +34,11 @@ class StepClass(str, Enum):
 
 
 def trainer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    likelihood: Likelihood,
-    *,
-    family: Family,
+    model: nn.Module, optimizer: torch.optim.Optimizer, likelihood: Likelihood
 ) -> Callable[[Tensor, Tensor], float]:
-    """`Trainer._step` bound to a Trainer holding just what the step reads."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.model = model
-    trainer.optimizer = optimizer
-    trainer.likelihood = likelihood
-    trainer.family = family
-    trainer.cfg = OmegaConf.create({"trainer": {"diverge_loss": math.inf}})
-    trainer.progress = Progress()
-    return trainer._step
+    """`suite.step.train_step` bound to a model, optimizer and likelihood (only non-finite
+    losses count as divergence)."""
+    return partial(train_step, model, optimizer, likelihood)
 
 
 def step_class(optimizer: torch.optim.Optimizer) -> StepClass:
@@ -89,12 +76,7 @@ class Contender:
         """Fresh model and optimizer (initially, and after a divergence)."""
         self.model = self.problem.new_model(seed=self.seed)
         self.optimizer = self.method.build(self.model)
-        self.step_fn = trainer_step(
-            self.model,
-            self.optimizer,
-            self.problem.likelihood,
-            family=family_of(self.method.config()),
-        )
+        self.step_fn = trainer_step(self.model, self.optimizer, self.problem.likelihood)
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
         """The next batch of the pool."""
@@ -103,7 +85,7 @@ class Contender:
         return batch
 
     def step(self) -> tuple[float, StepClass]:
-        """One timed `Trainer._step`; returns seconds and the step's class."""
+        """One timed `train_step`; returns seconds and the step's class."""
         kind = step_class(self.optimizer)
         x, target = self.next_batch()
         device = self.problem.device

@@ -18,8 +18,11 @@ from typing import Any
 
 import torch
 
+from suite.config import register_configs
 from suite.environment import collect_environment
-from suite.store import atomic_write_json, atomic_write_text, find_run_folders, read_run
+from suite.preflight import compose_with_choices
+from suite.store import atomic_write_json, atomic_write_text, read_run
+from suite.train import RunContext, run
 
 # Per-example Bernoulli NLL summed over the 784 pixels (nats), on the 4,000 offline training digits.
 TARGET_LOSS = 150.0
@@ -122,18 +125,13 @@ def run_one(
     optimizer: str, settings: TTTSettings, root: Path, *, point: dict[str, float], seed: int
 ) -> dict[str, Any]:
     """Train one setting through suite.train and read its result back from the store."""
-    from suite.config import register_configs
-    from suite.preflight import compose_with_choices
-    from suite.train import RunContext, run
-
     register_configs()
-    before = set(find_run_folders(root)) if root.exists() else set()
     cfg, choices = compose_with_choices(
         overrides(optimizer, settings, root, point=point, seed=seed)
     )
     ctx = RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"])
-    status = run(cfg, ctx)
-    (folder,) = set(find_run_folders(root)) - before
+    outcome = run(cfg, ctx)
+    status, folder = outcome.status, outcome.folder
     stored = read_run(folder)
     final = stored.evals["train_loss"].iloc[-1]
     values = (settings.target_loss, *settings.extra_targets)

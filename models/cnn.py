@@ -131,7 +131,9 @@ def resnet18(*, in_channels: int, num_classes: int, image_size: int) -> nn.Modul
     conv becomes 3x3/1 (padding 1, no bias) and the stem max-pool is removed (the usual CIFAR
     variant of ResNet-18). Initialisation: torchvision's
     (Kaiming-normal fan-out convs, BN weight 1 / bias 0, default fc), the new stem likewise."""
-    from torchvision.models import resnet18 as torchvision_resnet18
+    from torchvision.models import (
+        resnet18 as torchvision_resnet18,  # lazy: optional heavy dependency, loaded only when used
+    )
 
     net = torchvision_resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)

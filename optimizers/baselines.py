@@ -7,16 +7,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from core.settings import bounded, check_settings
+
 
 @dataclass
 class SGDConfig:
     """torch.optim.SGD settings."""
 
     name: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
+    lr: float = bounded(0.01, ge=0)  # learning rate
+    momentum: float = bounded(0.9, ge=0, lt=1)  # heavy-ball momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = bounded(0.0, ge=0)  # L2 penalty added to the gradient
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
@@ -24,11 +29,14 @@ class AdamConfig:
     """torch.optim.Adam settings."""
 
     name: str = "adam"
-    lr: float = 1.0e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1.0e-8
-    weight_decay: float = 0.0
+    lr: float = bounded(1.0e-3, ge=0)  # learning rate
+    beta1: float = bounded(0.9, ge=0, lt=1)  # first-moment decay
+    beta2: float = bounded(0.999, ge=0, lt=1)  # second-moment decay
+    eps: float = bounded(1.0e-8, gt=0)  # denominator guard
+    weight_decay: float = bounded(0.0, ge=0)  # L2 penalty added to the gradient
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def build_sgd(model: nn.Module, cfg: SGDConfig) -> torch.optim.SGD:

@@ -1,8 +1,10 @@
-"""Coarse spaces, coarse Fisher matrices and the coarse solve of two-level K-FAC (REFERENCE §3).
+"""Coarse spaces, coarse Fisher matrices and the coarse solve of two-level K-FAC.
+
+The method: docs/method.md §4.
 
 Pure tensor functions; `optimizers/twolevel.py` wires them into the optimizer.
 
-Conventions (the suite's K-FAC contract, REFERENCE §2):
+Conventions (the suite's K-FAC contract, docs/method.md §2–3):
 
 - Layer i has a weight matrix W_i of shape d_out × d_in' (d_in' = d_in + 1 with a bias, the
   bias being the last column); a layer's parameter vector is W_i flattened row-major.

@@ -1,8 +1,8 @@
 """K-FAC curvature blocks: one object per preconditioned layer (nn.Linear, nn.Conv2d).
 
-Conventions (REFERENCE §2). Layer i computes s = W ā with ā the input (a homogeneous 1 appended
-when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being the
-last column; a Conv2d weight is flattened to C_out × (C_in·kh·kw) in the order of `F.unfold`.
+Conventions (docs/method.md §2-3). Layer i computes s = W ā with ā the input (a homogeneous 1
+appended when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being
+the last column; a Conv2d weight is flattened to C_out × (C_in·kh·kw) in the order of `F.unfold`.
 Kronecker products use column-major vec: (A ⊗ G) vec(X) = vec(G X A).
 
 Stages of a block, called by `optimizers.kfac.KFAC` in this order:

@@ -24,11 +24,11 @@ as the loss is a batch mean). `step` folds them into the running factors and the
 (`release_statistics`; kept inputs are views that would pin a batch of activations until the next
 statistics step). Inverses are refreshed on steps with step % inv_period == 0.
 
-Update (REFERENCE §2): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of two-level
-K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as in
-the authors' code ν scales the preconditioned blocks only), d = νΔ + wd·θ (Δ = ∇ for plain
-parameters), buf = μ·buf + d, θ ← θ − η·buf. lr, momentum, weight_decay, damping and kl_clip live
-in param_groups, so LR schedulers work and the state dict carries them.
+Update (docs/method.md §3.5): Δ_i = K_i^-1 ∇_i per block (`precondition`, the subclass hook of
+two-level K-FAC), ν = min(1, sqrt(κ / (η² Σ_i ⟨Δ_i, ∇_i⟩))) over the blocks (KL clip; None = off; as
+in the authors' code ν scales the preconditioned blocks only), d = νΔ + wd·θ (Δ = ∇ for plain
+parameters), buf = μ·buf + d, θ ← θ − η·buf. lr, momentum, weight_decay, damping and kl_clip live in
+param_groups, so LR schedulers work and the state dict carries them.
 
 Adaptive damping (Levenberg–Marquardt, Martens & Grosse 2015 §6.5): every damping_period steps
 ρ = (h(θ + δ) − h(θ)) / M(δ) with h = batch loss + (wd/2)‖θ‖², δ the step actually taken and
@@ -49,7 +49,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from typing import Any
 
@@ -57,8 +57,9 @@ import torch
 from torch import Tensor, nn
 
 from core.likelihood import Likelihood
+from core.settings import bounded, check_settings, parse_enum, settings_from
 from optimizers.curvature import KFACBlock, ema_decay, make_block
-from optimizers.enums import DampingMode, FisherType, parse_enum
+from optimizers.enums import DampingMode, FisherType
 
 # Bounds of the adaptively adjusted damping λ.
 DAMPING_MIN = 1.0e-8
@@ -73,24 +74,31 @@ Direction = tuple[Tensor, Tensor, Tensor | None]
 
 @dataclass
 class KFACConfig:
-    """K-FAC settings (REFERENCE §2); defaults are the two-level authors' (T_cov 10, T_inv 100)."""
+    """K-FAC settings (docs/method.md §3): each default and allowed range is written here once.
+
+    Defaults are the two-level authors' (T_cov 10, T_inv 100). Building the dataclass checks every
+    range and parses enum values given as strings (`core.settings.check_settings`).
+    """
 
     name: str = "kfac"
-    lr: float = 0.01  # learning rate η
-    momentum: float = 0.9  # heavy-ball momentum μ
-    weight_decay: float = 0.0  # wd, added to the preconditioned direction
-    damping: float = 1.0e-3  # Tikhonov damping λ (initial value when adaptive)
+    lr: float = bounded(0.01, ge=0)  # learning rate η (0 leaves the parameters unchanged)
+    momentum: float = bounded(0.9, ge=0, lt=1)  # heavy-ball momentum μ
+    weight_decay: float = bounded(0.0, ge=0)  # wd, added to the preconditioned direction
+    damping: float = bounded(1.0e-3, gt=0)  # Tikhonov damping λ (initial value when adaptive)
     damping_mode: DampingMode = DampingMode.eigen  # eigen | factored
     fisher: FisherType = FisherType.mc  # mc | empirical
-    ema_max: float = 0.95  # running-average cap ε_max
-    cov_period: int = 10  # statistics every T_cov steps
-    inv_period: int = 100  # inverses every T_inv steps
-    stats_fraction: float = 1.0  # statistics on the first ⌈fraction·B⌉ examples
-    kl_clip: float | None = 1.0e-2  # κ of the KL clip; None: off
+    ema_max: float = bounded(0.95, ge=0, lt=1)  # running-average cap ε_max
+    cov_period: int = bounded(10, ge=1, integer=True)  # statistics every T_cov steps
+    inv_period: int = bounded(100, ge=1, integer=True)  # inverses every T_inv steps
+    stats_fraction: float = bounded(1.0, gt=0, le=1)  # statistics on the first ⌈fraction·B⌉
+    kl_clip: float | None = bounded(1.0e-2, gt=0, null="off")  # κ of the KL clip
     adaptive_damping: bool = False  # Levenberg–Marquardt adaptation of λ
-    damping_period: int = 5  # adapt λ every this many steps
-    damping_decay: float = 0.95  # per-step factor ω; λ changes by ω^damping_period
-    seed: int | None = None  # MC sampling seed; None: torch.initial_seed()
+    damping_period: int = bounded(5, ge=1, integer=True)  # adapt λ every this many steps
+    damping_decay: float = bounded(0.95, gt=0, lt=1)  # per-step ω; λ changes by ω^damping_period
+    seed: int | None = bounded(None, integer=True, null="torch.initial_seed()")  # MC sampling seed
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
@@ -105,66 +113,38 @@ class KFACCounters:
     linalg_retries: int = 0  # factorisations that needed the float64 retry (or failed)
 
 
-def _check(condition: bool, setting: str, value: object, allowed: str) -> None:
-    if not condition:
-        raise ValueError(f"{setting}: got {value!r}; allowed: {allowed}")
-
-
 class KFAC(torch.optim.Optimizer):
     """K-FAC with Kronecker-factored Linear/Conv2d blocks; see the module docstring."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        damping: float = 1.0e-3,
-        damping_mode: DampingMode | str = DampingMode.eigen,
-        fisher: FisherType | str = FisherType.mc,
-        ema_max: float = 0.95,
-        cov_period: int = 10,
-        inv_period: int = 100,
-        stats_fraction: float = 1.0,
-        kl_clip: float | None = 1.0e-2,
-        adaptive_damping: bool = False,
-        damping_period: int = 5,
-        damping_decay: float = 0.95,
-        seed: int | None = None,
-    ) -> None:
-        _check(lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
-        _check(0 <= momentum < 1, "momentum", momentum, "0 <= momentum < 1")
-        _check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
-        _check(0 < damping < math.inf, "damping", damping, "a finite number > 0")
-        _check(0 <= ema_max < 1, "ema_max", ema_max, "0 <= ema_max < 1")
-        _check(int(cov_period) >= 1, "cov_period", cov_period, "an integer >= 1")
-        _check(int(inv_period) >= 1, "inv_period", inv_period, "an integer >= 1")
-        _check(0 < stats_fraction <= 1, "stats_fraction", stats_fraction, "0 < fraction <= 1")
-        _check(kl_clip is None or kl_clip > 0, "kl_clip", kl_clip, "a number > 0 or null (off)")
-        _check(int(damping_period) >= 1, "damping_period", damping_period, "an integer >= 1")
-        _check(0 < damping_decay < 1, "damping_decay", damping_decay, "0 < damping_decay < 1")
+    config_type: type[KFACConfig] = KFACConfig
+
+    def __init__(self, model: nn.Module, config: KFACConfig | None = None, **settings: Any) -> None:
+        """K-FAC over ``model`` with ``config`` (default: `KFACConfig()`), single fields replaced by
+        ``settings`` (``KFAC(model, lr=0.1)``); an invalid value raises a one-line ConfigError."""
+        base = self.config_type() if config is None else config
+        cfg = replace(base, **settings)  # re-runs the checks of __post_init__
+        self.config = cfg
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
         defaults = {
-            "lr": lr,
-            "momentum": momentum,
-            "weight_decay": weight_decay,
-            "damping": damping,
-            "kl_clip": kl_clip,
+            "lr": cfg.lr,
+            "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay,
+            "damping": cfg.damping,
+            "kl_clip": cfg.kl_clip,
         }
         super().__init__(params, defaults)
-        self.damping_mode = parse_enum(DampingMode, damping_mode, setting="damping_mode")
-        self.fisher = parse_enum(FisherType, fisher, setting="fisher")
-        self.ema_max = float(ema_max)
-        self.cov_period = int(cov_period)
-        self.inv_period = int(inv_period)
-        self.stats_fraction = float(stats_fraction)
-        self.adaptive_damping = bool(adaptive_damping)
-        self.damping_period = int(damping_period)
-        self.damping_decay = float(damping_decay)
-        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.damping_mode = cfg.damping_mode
+        self.fisher = cfg.fisher
+        self.ema_max = float(cfg.ema_max)
+        self.cov_period = cfg.cov_period
+        self.inv_period = cfg.inv_period
+        self.stats_fraction = float(cfg.stats_fraction)
+        self.adaptive_damping = bool(cfg.adaptive_damping)
+        self.damping_period = cfg.damping_period
+        self.damping_decay = float(cfg.damping_decay)
+        self.seed = int(torch.initial_seed() if cfg.seed is None else cfg.seed)
         self.counters = KFACCounters()
 
         self.blocks: list[KFACBlock] = []
@@ -186,6 +166,11 @@ class KFAC(torch.optim.Optimizer):
         self._pending_generator: tuple[str, Tensor] | None = None
         self.last_nu: Tensor | None = None
         self.last_rho: float | None = None
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any) -> Any:
+        """Built from a config of ``cls.config_type`` or any object with its fields (DictConfig)."""
+        return cls(model, settings_from(cls.config_type, cfg))
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -632,15 +617,6 @@ class KFAC(torch.optim.Optimizer):
         return out
 
 
-def kfac_kwargs(cfg: Any) -> dict[str, Any]:
-    """KFAC keyword arguments from a KFACConfig (or a DictConfig with its fields)."""
-    names = [f.name for f in fields(KFACConfig) if f.name != "name"]
-    return {name: getattr(cfg, name) for name in names}
-
-
-def build_kfac(model: nn.Module, cfg: KFACConfig) -> KFAC:
-    """K-FAC over ``model`` with the settings of ``cfg``."""
-    kwargs = kfac_kwargs(cfg)
-    kwargs["damping_mode"] = parse_enum(DampingMode, kwargs["damping_mode"], setting="damping_mode")
-    kwargs["fisher"] = parse_enum(FisherType, kwargs["fisher"], setting="fisher")
-    return KFAC(model, **kwargs)
+def build_kfac(model: nn.Module, cfg: Any) -> KFAC:
+    """K-FAC over ``model`` with the settings of ``cfg`` (a KFACConfig or a DictConfig of one)."""
+    return KFAC.from_config(model, cfg)

@@ -1,4 +1,6 @@
-"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants (REFERENCE §3).
+"""Two-level K-FAC (Tselepidis, Kohler, Orvieto 2020) and its follow-up variants.
+
+The method: docs/method.md §4.
 
 K-FAC's block-diagonal inverse K^-1 is corrected by a coarse solve that restores inter-layer
 curvature on a few directions per layer. With R0 (m × N) the restriction to the coarse space,
@@ -46,6 +48,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.errors import ConfigError
+from core.settings import bounded
 from optimizers.coarse import (
     BasisNorm,
     CoarseDamping,
@@ -73,8 +77,8 @@ from optimizers.coarse import (
     spectral_basis,
 )
 from optimizers.curvature import KFACBlock, ema_decay, robust_eigh
-from optimizers.enums import DampingMode, FisherType, parse_enum
-from optimizers.kfac import KFAC, KFACConfig, kfac_kwargs
+from optimizers.enums import DampingMode
+from optimizers.kfac import KFAC, KFACConfig
 
 # Diagnostics materialise per-example gradients (B × N): skipped above this many entries.
 DIAGNOSTICS_MAX_ENTRIES = 20_000_000
@@ -101,17 +105,23 @@ DEFAULT_NBASIS = {
 
 @dataclass
 class TwoLevelKFACConfig(KFACConfig):
-    """Two-level K-FAC settings; defaults are the paper's reconstruction (REFERENCE §3)."""
+    """Two-level K-FAC settings; defaults are the paper's reconstruction (docs/method.md §4.2)."""
 
     name: str = "kfac2"
     coarse_space: CoarseSpace = CoarseSpace.nicolaides  # paper: one all-ones vector per layer
-    nbasis: int = 1  # vectors per layer (krylov: >= 2; enriched: all-ones + nbasis − 1)
+    nbasis: int | None = bounded(  # vectors per layer (krylov: >= 2; enriched: ones + nbasis − 1)
+        None, ge=1, integer=True, null="the coarse space's default"
+    )
     basis_norm: BasisNorm = BasisNorm.none  # paper: not normalised; Koroko et al.: max
     coarse_fisher: CoarseFisher = CoarseFisher.kron  # paper: kron; Koroko et al.: exact
     coarse_damping: CoarseDamping = CoarseDamping.diagonal  # paper: λ I; Koroko et al.: λ R0 R0^T
     combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
-    omega1: float = 1.0  # weight of the fine level (paper: 1); 0 leaves only the coarse step
-    omega2: float = 1.0  # weight of the coarse level (paper: 1); 0 gives K-FAC exactly
+    omega1: float = bounded(1.0, ge=0)  # weight of the fine level (paper: 1); 0: coarse step only
+    omega2: float = bounded(1.0, ge=0)  # weight of the coarse level (paper: 1); 0: K-FAC exactly
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        resolve_nbasis(self.coarse_space, self.nbasis)  # the count must suit the space
 
 
 def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
@@ -120,11 +130,9 @@ def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
         return DEFAULT_NBASIS[space]
     count = int(nbasis)
     if space in (CoarseSpace.nicolaides, CoarseSpace.residual) and count != 1:
-        raise ValueError(f"nbasis: {space.value} has exactly 1 vector per layer; got {nbasis}")
+        raise ConfigError("nbasis", f"{space.value} has exactly 1 vector per layer; got {nbasis}")
     if space in (CoarseSpace.krylov_nicolaides, CoarseSpace.krylov_residual) and count < 2:
-        raise ValueError(f"nbasis: {space.value} needs >= 2 Krylov vectors; got {nbasis}")
-    if count < 1:
-        raise ValueError(f"nbasis: must be >= 1 (or null for the default); got {nbasis}")
+        raise ConfigError("nbasis", f"{space.value} needs >= 2 Krylov vectors; got {nbasis}")
     return count
 
 
@@ -140,33 +148,24 @@ class _Operator:
 class TwoLevelKFAC(KFAC):
     """K-FAC with a coarse-space correction; see the module docstring."""
 
+    config_type: type[KFACConfig] = TwoLevelKFACConfig
+
     def __init__(
-        self,
-        model: nn.Module,
-        *,
-        coarse_space: CoarseSpace | str = CoarseSpace.nicolaides,
-        nbasis: int | None = None,
-        basis_norm: BasisNorm | str = BasisNorm.none,
-        coarse_fisher: CoarseFisher | str = CoarseFisher.kron,
-        coarse_damping: CoarseDamping | str = CoarseDamping.diagonal,
-        combination: Combination | str = Combination.additive,
-        omega1: float = 1.0,
-        omega2: float = 1.0,
-        **kfac: Any,
+        self, model: nn.Module, config: TwoLevelKFACConfig | None = None, **settings: Any
     ) -> None:
-        self.coarse_space = parse_enum(CoarseSpace, coarse_space, setting="coarse_space")
-        self.nbasis = resolve_nbasis(self.coarse_space, nbasis)
-        self.basis_norm = parse_enum(BasisNorm, basis_norm, setting="basis_norm")
-        self.coarse_fisher = parse_enum(CoarseFisher, coarse_fisher, setting="coarse_fisher")
-        self.coarse_damping = parse_enum(CoarseDamping, coarse_damping, setting="coarse_damping")
-        self.combination = parse_enum(Combination, combination, setting="combination")
-        if not (math.isfinite(omega1) and omega1 >= 0):
-            raise ValueError(f"omega1: got {omega1!r}; allowed: a finite number >= 0")
-        if not (math.isfinite(omega2) and omega2 >= 0):
-            raise ValueError(f"omega2: got {omega2!r}; allowed: a finite number >= 0")
-        self.omega1 = float(omega1)
-        self.omega2 = float(omega2)
-        super().__init__(model, **kfac)
+        """Two-level K-FAC over ``model`` with ``config`` (default: `TwoLevelKFACConfig()`),
+        single fields replaced by ``settings``; an invalid value raises a one-line ConfigError."""
+        super().__init__(model, config, **settings)
+        cfg = self.config
+        assert isinstance(cfg, TwoLevelKFACConfig)
+        self.coarse_space = cfg.coarse_space
+        self.nbasis = resolve_nbasis(cfg.coarse_space, cfg.nbasis)
+        self.basis_norm = cfg.basis_norm
+        self.coarse_fisher = cfg.coarse_fisher
+        self.coarse_damping = cfg.coarse_damping
+        self.combination = cfg.combination
+        self.omega1 = float(cfg.omega1)
+        self.omega2 = float(cfg.omega2)
         # running coarse statistics (Nicolaides only) and the built operator
         self._moments: tuple[Tensor, Tensor] | None = None
         self._exact_fisher: Tensor | None = None
@@ -548,20 +547,6 @@ def _damped_solve(jac: Tensor, grad: Tensor, lam: float, dense: Tensor | None) -
     return (grad - jac.T @ torch.linalg.solve(small, jac @ grad)) / lam
 
 
-def build_kfac2(model: nn.Module, cfg: TwoLevelKFACConfig) -> TwoLevelKFAC:
-    """Two-level K-FAC over ``model`` with the settings of ``cfg``."""
-    kwargs = kfac_kwargs(cfg)
-    kwargs["damping_mode"] = parse_enum(DampingMode, kwargs["damping_mode"], setting="damping_mode")
-    kwargs["fisher"] = parse_enum(FisherType, kwargs["fisher"], setting="fisher")
-    return TwoLevelKFAC(
-        model,
-        coarse_space=parse_enum(CoarseSpace, cfg.coarse_space, setting="coarse_space"),
-        nbasis=None if cfg.nbasis is None else int(cfg.nbasis),
-        basis_norm=parse_enum(BasisNorm, cfg.basis_norm, setting="basis_norm"),
-        coarse_fisher=parse_enum(CoarseFisher, cfg.coarse_fisher, setting="coarse_fisher"),
-        coarse_damping=parse_enum(CoarseDamping, cfg.coarse_damping, setting="coarse_damping"),
-        combination=parse_enum(Combination, cfg.combination, setting="combination"),
-        omega1=float(cfg.omega1),
-        omega2=float(cfg.omega2),
-        **kwargs,
-    )
+def build_kfac2(model: nn.Module, cfg: Any) -> TwoLevelKFAC:
+    """Two-level K-FAC over ``model`` with the settings of ``cfg`` (config or DictConfig)."""
+    return TwoLevelKFAC.from_config(model, cfg)

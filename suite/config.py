@@ -6,14 +6,21 @@ key or a value of the wrong type fails at composition with a message naming it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, ListConfig
 
+from core.errors import ConfigError
+from core.settings import bounded, check_settings, one_of, required
 from datasets.config import DataConfig
+from models.config import SCHEMAS as MODEL_SCHEMAS
+from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
+from suite.presets import register_help_resolver
+from suite.sweep import register_resolvers
 
 
 class DeviceChoice(str, Enum):
@@ -51,36 +58,44 @@ class WandbMode(str, Enum):
 class TrainerConfig:
     """How long and how a run trains, evaluates and checkpoints."""
 
-    epochs: int = 10
-    max_steps: int | None = None  # stop after this many optimizer steps (None: epochs decide)
-    batch_size: int = 1000
-    eval_every_steps: int | None = None  # None: evaluate once per epoch
-    eval_batch_size: int = 10000
-    seed: int = 0
+    epochs: int = bounded(10, ge=0, integer=True)
+    max_steps: int | None = bounded(  # stop after this many optimizer steps
+        None, ge=1, integer=True, null="the epochs decide"
+    )
+    batch_size: int = bounded(1000, ge=1, integer=True)
+    eval_every_steps: int | None = bounded(None, ge=1, integer=True, null="once per epoch")
+    eval_batch_size: int = bounded(10000, ge=1, integer=True)
+    seed: int = bounded(0, ge=0, integer=True)
     device: DeviceChoice = DeviceChoice.auto
     dtype: DType = DType.float32
-    threads: int | None = None  # torch intra-op threads (None: torch's default)
+    threads: int | None = bounded(None, ge=1, integer=True, null="torch's default")  # intra-op
     lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_minutes: float | None = 10.0
+    lr_gamma: float = bounded(0.1, gt=0)
+    checkpoint_every_steps: int | None = bounded(None, ge=1, integer=True, null="off")
+    checkpoint_every_minutes: float | None = bounded(10.0, gt=0, null="off")
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)
     keep_checkpoint: bool = False  # keep checkpoint.pt of completed/diverged runs (else removed)
-    diverge_loss: float = 1.0e8  # a batch loss above this (or non-finite) marks divergence
+    diverge_loss: float = bounded(1.0e8, gt=0)  # a batch loss above this (or not finite) diverges
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
 class LoggerConfig:
     """Optional Weights & Biases mirror of the results store."""
 
-    backend: str = "none"  # wandb | none
+    backend: str = one_of("none", "wandb")  # wandb | none
     project: str = "two-level-kfac"
     entity: str | None = None
     mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
-    step_every: int = 10  # per-step rows (batch loss, lr, step time) sent every this many steps
+    step_every: int = bounded(10, ge=1, integer=True)  # per-step rows to W&B every this many
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 @dataclass
@@ -88,6 +103,45 @@ class ResultsConfig:
     """Where run folders go."""
 
     root: str = "results/runs"
+
+
+TUNING_PROTOCOL = (
+    "equal-budget grid search; selection by final validation loss; rerun with fresh seeds"
+)
+
+
+@dataclass(kw_only=True)
+class TuningConfig:
+    """The tuning protocol of a tuning preset (``conf/experiment/tune_*``; `suite.tuning`).
+
+    Every optimizer preset in ``grid`` gets exactly ``budget`` trials (the product of its axes'
+    lengths); runs record this node in their summary.
+    """
+
+    protocol: str = TUNING_PROTOCOL
+    stage: str = one_of("tune", "final")  # final: set by suite.tuning on the reruns
+    source_sweep: str | None = None  # on reruns: the tuning sweep they were selected from
+    budget: int = required(ge=1, integer=True)  # trials per optimizer
+    selection: str = one_of("final_val_loss")  # the summary field the lowest of which wins
+    rerun_seeds: int = bounded(5, ge=1, integer=True)  # fresh seeds for the winner's rerun
+    grid: dict[str, dict[str, list[Any]]] = field(
+        default_factory=dict
+    )  # optimizer preset -> {setting: [values]}; one trial per point
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if not self.grid:
+            raise ConfigError("grid", "allowed: a mapping optimizer preset -> {setting: [values]}")
+        for optimizer, axes in self.grid.items():
+            if not all(isinstance(v, list | ListConfig) and len(v) for v in axes.values()):
+                raise ConfigError(f"grid.{optimizer}", "allowed: {setting: [values, ...]}")
+            points = math.prod(len(values) for values in axes.values())
+            if points != self.budget:
+                raise ConfigError(
+                    f"grid.{optimizer}",
+                    f"has {points} points but the budget is {self.budget}; every optimizer gets "
+                    "the same",
+                )
 
 
 @dataclass
@@ -102,16 +156,11 @@ class Config:
     results: ResultsConfig = field(default_factory=ResultsConfig)
     experiment: str | None = None  # name of the experiment preset, if any
     scale: Scale | None = None  # scale of that preset
-    tuning: Any = None  # tuning-protocol record (budget, grid) set by tuning presets
+    tuning: TuningConfig | None = None  # the tuning protocol, set by tuning presets
 
 
 def register_configs() -> None:
     """Register the top-level schema and every group schema with Hydra."""
-    from models.config import SCHEMAS as MODEL_SCHEMAS
-    from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
-    from suite.preflight import register_help_resolver
-    from suite.sweep import register_resolvers
-
     register_resolvers()
     register_help_resolver()
     store = ConfigStore.instance()

@@ -21,9 +21,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from core.errors import ConfigError
 from datasets import load_dataset
+from suite.config import register_configs
+from suite.presets import CONF_DIR, group_options
 from suite.validate import UNKNOWN_SETTING, check_writable, validate_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_JOBS_CHECKED = 512
 # Hydra flags after which preflight stands aside (they print or install, never train).
 PASSIVE_FLAGS = (
@@ -37,7 +38,6 @@ PASSIVE_FLAGS = (
     "-sc",
     "--shell-completion",
 )
-GROUPS_RESOLVER = "preset_groups"
 HIDDEN_PREFIX = "schema_"  # structured-config schemas: building blocks, never a choice
 FLAGS_WITH_VALUE = (
     "-cn",
@@ -49,24 +49,6 @@ FLAGS_WITH_VALUE = (
     "-p",
     "--package",
 )
-
-
-def group_options(group: str) -> list[str]:
-    """Presets available in a config group folder."""
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def preset_groups_help() -> str:
-    """``group: option, ...`` lines for ``--help`` (the preset files; schemas are not choices)."""
-    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and group_options(p.name))
-    return "\n".join(f"{group}: {', '.join(group_options(group))}" for group in groups)
-
-
-def register_help_resolver() -> None:
-    """``${preset_groups:}`` for the ``--help`` template in conf/config.yaml."""
-    if not OmegaConf.has_resolver(GROUPS_RESOLVER):
-        OmegaConf.register_new_resolver(GROUPS_RESOLVER, preset_groups_help)
 
 
 def check_override(override: str) -> None:
@@ -82,6 +64,15 @@ def check_override(override: str) -> None:
         return
     if key.startswith("+") and not key.startswith("++"):
         raise ConfigError(group, UNKNOWN_SETTING)
+
+
+def optimizer_family(preset: str) -> str:
+    """The family (schema ``name``) of an optimizer preset, as composition resolves it."""
+    if preset not in group_options("optimizer"):
+        allowed = ", ".join(group_options("optimizer"))
+        raise ConfigError("optimizer", f"unknown option '{preset}'; allowed: {allowed}")
+    register_configs()
+    return str(compose_job([f"optimizer={preset}", "logger=none"]).optimizer.name)
 
 
 def one_line(err: Exception) -> str:

@@ -15,7 +15,7 @@ Layout of a run folder ``<root>/<run_id>/``:
 Files are created with the user's umask (group-readable under the usual 022/002), so that
 colleagues on a shared cluster can read the results.
 
-Losses follow REFERENCE §2: ``*_loss`` is the negative log-likelihood summed over output
+Losses follow docs/method.md §2: ``*_loss`` is the negative log-likelihood summed over output
 dimensions and averaged over examples; ``*_loss_per_output`` divides it by the number of output
 dimensions (the per-pixel mean some papers report).
 """
@@ -39,6 +39,7 @@ import pandas as pd
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
+POINTER_FILE = "run_folder.txt"  # in a Hydra job dir: the run folder a requeued job resumes
 STEPS_FILE = "metrics_steps.parquet"
 EVALS_FILE = "metrics_evals.parquet"
 ENVIRONMENT_FILE = "environment.json"

@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +28,10 @@ from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.environment import code_version, collect_environment
 from suite.resume import job_key, load_config, own_run, remember_run, resume_config
+from suite.seeding import seed_everything
+from suite.step import RunDiverged, train_step
 from suite.store import (
+    POINTER_FILE,
     FolderLock,
     FolderLocked,
     RunFolder,
@@ -40,7 +44,6 @@ from suite.store import (
 from suite.validate import check_writable, validate_config
 from suite.wandb_logger import make_logger
 
-POINTER_FILE = "run_folder.txt"  # in a Hydra job dir: the run folder the job wrote (tuning)
 RESUMABLE_STATUSES = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
 LOSS_REDUCTION = "nll summed over output dimensions, mean over examples"
 
@@ -55,10 +58,6 @@ class RunContext:
     job_dir: Path | None = None
     overrides: list[str] = field(default_factory=list)  # the job's command-line overrides
     run_folder: Path | None = None  # set by the trainer once it writes a run folder
-
-
-class RunDiverged(Exception):
-    """A non-finite or exploding loss."""
 
 
 class StopRequested:
@@ -78,8 +77,6 @@ class StopRequested:
     @contextmanager
     def installed(self) -> Iterator[StopRequested]:
         """Install the handlers for the duration of the block (main thread only)."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -105,21 +102,6 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every RNG the suite uses and make CPU kernels deterministic."""
-    import random
-
-    import numpy as np
-
-    # Subnormal floats (saturated logistic units) slow CPU matmuls several-fold and skew
-    # wall-clock comparisons; flushing them must happen before torch starts its thread pool.
-    torch.set_flush_denormal(True)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def _value(x: Any) -> Any:
@@ -405,29 +387,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _step(self, x: Tensor, target: Tensor) -> float:
-        model, optimizer, likelihood = self.model, self.optimizer, self.likelihood
-        optimizer.zero_grad(set_to_none=True)
-        if self.family.curvature:
-            with optimizer.capture():  # type: ignore[attr-defined]
-                output = model(x)
-            loss = likelihood.nll(output, target)
-            optimizer.fisher_backward(output, likelihood=likelihood, target=target)  # type: ignore[attr-defined]
-            loss.backward()
-
-            def closure() -> Tensor:
-                with torch.no_grad():
-                    return likelihood.nll(model(x), target)
-
-            optimizer.step(closure)  # type: ignore[arg-type]
-        else:
-            output = model(x)
-            loss = likelihood.nll(output, target)
-            loss.backward()
-            optimizer.step()
-        value = float(loss.detach())
-        if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
-            raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
-        return value
+        """One `suite.step.train_step`; a divergence names the step it happened at."""
+        try:
+            return train_step(
+                self.model,
+                self.optimizer,
+                self.likelihood,
+                x,
+                target,
+                diverge_loss=float(self.cfg.trainer.diverge_loss),
+            )
+        except RunDiverged as err:
+            raise RunDiverged(f"{err} at step {self.progress.step + 1}") from None
 
     def _checkpoint(self) -> None:
         save_checkpoint(
@@ -636,7 +607,17 @@ def _cast(data: DataBundle, dtype: torch.dtype) -> DataBundle:
     return data
 
 
-def run(cfg: DictConfig, ctx: RunContext) -> RunStatus:
-    """Run one job; the entry point that run.py (and tests) call."""
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a job ended and where its run folder is."""
+
+    status: RunStatus
+    folder: Path
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> RunOutcome:
+    """Run one job; the entry point that run.py (and tests, bench/) call."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    return Trainer(cfg, ctx).run()
+    trainer = Trainer(cfg, ctx)
+    status = trainer.run()
+    return RunOutcome(status=status, folder=trainer.folder.path)

@@ -26,16 +26,20 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from core.errors import ConfigError
-from suite.store import RunStatus, atomic_write_json, find_run_folders, utc_now
+from optimizers.registry import FAMILIES
+from suite.config import TuningConfig, register_configs
+from suite.preflight import compose_job, group_options, optimizer_family
+from suite.store import POINTER_FILE, RunStatus, atomic_write_json, find_run_folders, utc_now
 
 REPO = Path(__file__).resolve().parent.parent
 SELECTION_RULE = (
@@ -227,7 +231,6 @@ def format_value(value: Any) -> str:
 
 def find_job_dirs(multirun_root: Path) -> dict[Path, Path]:
     """Run folder -> Hydra job dir, from the pointer files that suite.train leaves in job dirs."""
-    from suite.train import POINTER_FILE
 
     mapping: dict[Path, Path] = {}
     if not multirun_root.is_dir():
@@ -378,11 +381,6 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> int:
 
 def tuning_record(experiment: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The ``tuning`` node of a composed tuning preset, checked for an equal budget."""
-    from omegaconf import OmegaConf
-
-    from suite.config import register_configs
-    from suite.preflight import compose_job
-
     register_configs()
     cfg = compose_job([f"experiment={experiment}", *overrides])
     if cfg.tuning is None:
@@ -409,37 +407,21 @@ def tuning_record(experiment: str, overrides: Sequence[str] = ()) -> dict[str, A
 
 def optimizer_settings(preset: str) -> set[str]:
     """Settings of an optimizer preset, from its family's schema (no composition needed)."""
-    from dataclasses import fields
-
-    from optimizers.registry import FAMILIES
-    from suite.preflight import CONF_DIR, group_options
-
     if preset not in group_options("optimizer"):
         allowed = ", ".join(group_options("optimizer"))
         raise ConfigError("tuning.grid", f"unknown optimizer preset '{preset}'; allowed: {allowed}")
-    family = yaml.safe_load((CONF_DIR / "optimizer" / f"{preset}.yaml").read_text())["name"]
+    family = optimizer_family(preset)
     return {f.name for f in fields(FAMILIES[family].schema)}
 
 
-def check_record(record: dict[str, Any]) -> None:
-    """Every optimizer's grid must have exactly ``budget`` points."""
-    budget = record.get("budget")
-    grids = record.get("grid")
-    if not isinstance(budget, int) or budget < 1:
-        raise ConfigError("tuning.budget", f"got {budget!r}; allowed: an integer >= 1")
-    if not isinstance(grids, dict) or not grids:
-        raise ConfigError(
-            "tuning.grid", "allowed: a mapping optimizer preset -> {setting: [values]}"
-        )
-    for optimizer, grid in grids.items():
-        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-            raise ConfigError(f"tuning.grid.{optimizer}", "allowed: {setting: [values, ...]}")
-        points = grid_points(grid)
-        if points != budget:
-            raise ConfigError(
-                f"tuning.grid.{optimizer}",
-                f"has {points} points but the budget is {budget}; every optimizer gets the same",
-            )
+def check_record(record: dict[str, Any]) -> TuningConfig:
+    """The tuning record as its schema (`suite.config.TuningConfig`), which checks it."""
+    try:
+        return TuningConfig(**record)
+    except ConfigError as err:
+        raise ConfigError(f"tuning.{err.setting}", err.problem) from None
+    except TypeError as err:
+        raise ConfigError("tuning", str(err)) from None
 
 
 def tune_commands(

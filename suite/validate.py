@@ -14,32 +14,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
+from core.settings import settings_from
+from datasets.config import DataConfig
+from optimizers.registry import family_of
+from suite.config import LoggerConfig, TrainerConfig, TuningConfig
 
 UNKNOWN_SETTING = "unknown setting (misspelled? `python run.py --cfg job` lists all settings)"
-# Integer settings where every value is meaningful (seeds); every other number has a range.
-UNBOUNDED = ("trainer.seed", "data.data_seed", "optimizer.seed")
-
-# (setting, predicate, what is allowed); applied when the setting exists in the config.
-Rule = tuple[str, Callable[[Any], bool], str]
-
-RULES: list[Rule] = [
-    ("optimizer.lr", lambda v: v > 0, "a positive number"),
-    ("optimizer.momentum", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.eps", lambda v: v > 0, "a positive number"),
-    ("optimizer.damping", lambda v: v > 0, "a positive number"),
-    ("optimizer.ema_max", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("optimizer.cov_period", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.inv_period", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.stats_fraction", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("optimizer.kl_clip", lambda v: v is None or v > 0, "null (off) or a positive number"),
-    ("optimizer.omega1", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.omega2", lambda v: v >= 0, "a number >= 0"),
-    ("optimizer.nbasis", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.damping_period", lambda v: v >= 1, "an integer >= 1"),
-    ("optimizer.damping_decay", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+# Model settings: their schemas (models/config.py) declare no ranges yet.
+MODEL_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
     ("model.sparse_connections", lambda v: v >= 1, "an integer >= 1"),
     ("model.depth", lambda v: v >= 1, "an integer >= 1"),
     ("model.width", lambda v: v >= 1, "an integer >= 1"),
@@ -48,21 +30,15 @@ RULES: list[Rule] = [
     ("model.in_channels", lambda v: v >= 1, "an integer >= 1"),
     ("model.num_classes", lambda v: v >= 2, "an integer >= 2"),
     ("model.image_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.epochs", lambda v: v >= 0, "an integer >= 0"),
-    ("trainer.max_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.eval_batch_size", lambda v: v >= 1, "an integer >= 1"),
-    ("trainer.eval_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.threads", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.lr_gamma", lambda v: v > 0, "a positive number"),
-    ("trainer.checkpoint_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("trainer.checkpoint_every_minutes", lambda v: v is None or v > 0, "null or a number > 0"),
-    ("trainer.diverge_loss", lambda v: v > 0, "a positive number"),
-    ("data.val_fraction", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("data.max_train", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-    ("logger.step_every", lambda v: v >= 1, "an integer >= 1"),
-    ("logger.backend", lambda v: v in ("wandb", "none"), "one of: wandb, none"),
 ]
+# Config nodes checked against their schema's ranges (`core.settings`), in this order.
+NODES: tuple[tuple[str, type | None], ...] = (
+    ("optimizer", None),  # the schema of the optimizer's family
+    ("trainer", TrainerConfig),
+    ("data", DataConfig),
+    ("logger", LoggerConfig),
+    ("tuning", TuningConfig),
+)
 
 
 def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
@@ -72,6 +48,14 @@ def _get(cfg: DictConfig, dotted: str) -> tuple[bool, Any]:
             return False, None
         node = node[part]
     return True, node
+
+
+def check_node(prefix: str, schema: type, node: Any) -> None:
+    """Build ``schema`` from ``node`` (its checks run); errors name ``prefix.setting``."""
+    try:
+        settings_from(schema, node)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}.{err.setting}", err.problem) from None
 
 
 def check_writable(root: Path) -> None:
@@ -111,19 +95,21 @@ def check_known_and_finite(node: DictConfig, prefix: str = "") -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for the first invalid setting of a composed config."""
+    """Raise ConfigError for the first invalid setting of a composed config.
+
+    Every key must be declared and every float finite; single settings are checked by their
+    schema (ranges declared with the field); the rules below are the ones across settings.
+    """
     check_known_and_finite(cfg)
-    for setting, allowed, description in RULES:
+    for setting, allowed, description in MODEL_RULES:
         present, value = _get(cfg, setting)
-        if not present:
-            continue
-        ok = False
-        try:
-            ok = bool(allowed(value))
-        except TypeError:
-            ok = False
-        if not ok:
+        if present and not allowed(value):
             raise ConfigError(setting, f"got {value!r}; allowed: {description}")
+    for prefix, schema in NODES:
+        if prefix not in cfg or cfg[prefix] is None:
+            continue
+        node = cfg[prefix]
+        check_node(prefix, family_of(node).schema if schema is None else schema, node)
     milestones = list(cfg.trainer.lr_milestones)
     if milestones != sorted(set(milestones)) or any(m < 1 for m in milestones):
         raise ConfigError(

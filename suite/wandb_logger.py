@@ -78,7 +78,7 @@ class WandbLogger:
         config: dict[str, Any],
         resume: bool,
     ) -> None:
-        import wandb
+        import wandb  # lazy: optional heavy dependency, loaded only when used
 
         self.mode = resolve_mode(cfg.mode)
         self._run = wandb.init(
@@ -117,7 +117,7 @@ class WandbLogger:
 
     def abandon(self) -> None:
         """After a failure: drop W&B's exit hook (it would fail again, with a traceback)."""
-        import wandb
+        import wandb  # lazy: optional heavy dependency, loaded only when used
 
         # The service is gone; teardown unregisters its exit hook before it fails.
         with contextlib.suppress(Exception):

@@ -39,12 +39,11 @@ def run_job(tmp_path: Path) -> Callable[..., tuple[RunStatus, Path]]:
 
     def _run(*overrides: str, root: Path | None = None) -> tuple[RunStatus, Path]:
         root = root or tmp_path / "results"
-        before = set(find_run_folders(root)) if root.exists() else set()
         cfg, choices = compose_with_choices([*FAST, *overrides, f"results.root={root}"])
         ctx = RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"])
-        status = run(cfg, ctx)
-        (folder,) = set(find_run_folders(root)) - before
-        return status, folder
+        outcome = run(cfg, ctx)
+        assert outcome.folder in find_run_folders(root)
+        return outcome.status, outcome.folder
 
     return _run
 

@@ -1,7 +1,7 @@
 """Dense float64 references for K-FAC tests: explicit forwards, patches, Fisher blocks, inverses.
 
-Conventions (REFERENCE §2): a layer's parameters form W = [weight | bias], d_out × d_in'; vec is
-column-major, so (A ⊗ G) vec(X) = vec(G X A) with torch.kron(A, G).
+Conventions (docs/method.md §2-3): a layer's parameters form W = [weight | bias],
+d_out × d_in'; vec is column-major, so (A ⊗ G) vec(X) = vec(G X A) with torch.kron(A, G).
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ from bench.ttt import (
     write_ttt,
 )
 from bench.ttt import summarise as summarise_reruns
-from suite.train import Trainer
+from suite.step import train_step
 
 REL = 1e-12
 
@@ -189,7 +189,7 @@ def test_stopwatch_times_are_exclusive(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_timed_step_is_the_trainers() -> None:
     problem = build_problem(ProblemName.TOY, batch=4, device=torch.device("cpu"))
     contender = Contender(method=Method(label="sgd", preset="sgd"), problem=problem)
-    assert contender.step_fn.__func__ is Trainer._step  # type: ignore[attr-defined]
+    assert contender.step_fn.func is train_step  # type: ignore[attr-defined]
     before = [p.detach().clone() for p in contender.model.parameters()]
     contender.step()
     assert any(not torch.equal(a, b) for a, b in zip(before, contender.model.parameters()))

@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
+from core.settings import numeric_fields
 from datasets.config import DataConfig
 from models.config import SCHEMAS as MODEL_SCHEMAS
 from optimizers.registry import FAMILIES
@@ -31,7 +32,7 @@ PREFLIGHT_CASES = [
     (["trainer.epoch=3"], "trainer.epoch: unknown setting"),
     (["trainer.epochs=abc"], "trainer.epochs: Value 'abc'"),
     (["trainer.device=tpu"], "trainer.device: Invalid value 'tpu'"),
-    (["optimizer=sgd", "optimizer.lr=-0.1"], "optimizer.lr: got -0.1; allowed: a positive number"),
+    (["optimizer=sgd", "optimizer.lr=-0.1"], "optimizer.lr: got -0.1; allowed: a number >= 0"),
     (
         ["optimizer=sgd", "optimizer.momentum=1.5"],
         "optimizer.momentum: got 1.5; allowed: a number in [0, 1)",
@@ -209,6 +210,14 @@ BAD_NUMBERS = [
     for preset, setting, kind in NUMERIC
     for value in (NON_FINITE if kind is float else []) + ([] if setting in SEEDS else [-1.0])
 ]
+
+
+def test_every_numeric_setting_declares_its_range() -> None:
+    """The schemas with ranges (core.settings) leave no numeric setting unbounded."""
+    schemas = [TrainerConfig, DataConfig, LoggerConfig, *(f.schema for f in FAMILIES.values())]
+    for schema in schemas:
+        bounded = {f.name for f in numeric_fields(schema)}
+        assert bounded == {name for name, _ in _numeric_fields(schema)}, schema.__name__
 
 
 def test_every_numeric_setting_is_covered() -> None:

@@ -58,7 +58,7 @@ def job(
         job_dir=job_dir,
         overrides=given,
     )
-    return run(cfg, ctx), ctx
+    return run(cfg, ctx).status, ctx
 
 
 def comparable(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from suite import tuning
-from suite.preflight import CONF_DIR, compose_job, group_options
+from suite.preflight import CONF_DIR, compose_job, group_options, optimizer_family
 from suite.store import find_run_folders
 from suite.validate import validate_config
 from tests.conftest import FAST, run_cli
@@ -51,7 +51,7 @@ def test_every_benchmark_preset_has_a_tuning_preset() -> None:
 
 def family(optimizer: str) -> str:
     """The family (schema ``name``) of an optimizer preset."""
-    return str(yaml.safe_load((CONF_DIR / "optimizer" / f"{optimizer}.yaml").read_text())["name"])
+    return optimizer_family(optimizer)
 
 
 @pytest.mark.parametrize("name", BENCHMARK_PRESETS)
