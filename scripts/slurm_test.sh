@@ -3,7 +3,11 @@
 #   1. a 2-job multirun (sgd, adam on the offline MNIST subset) through launcher=slurm: every
 #      job's run folder must land with status completed and one shared sweep id;
 #   2. requeue: a longer job gets SIGUSR2 (what SLURM sends before a time limit), checkpoints,
-#      is requeued by submitit and must resume in the same run folder and complete.
+#      is requeued by submitit and must resume in the same run folder and complete;
+#   3. `scontrol requeue` of a job that mirrors to W&B (offline): SLURM sends SIGTERM to every
+#      process of the job, W&B's service included; the run must stop with a checkpoint, resume
+#      in the same run folder after the requeue, keep one W&B offline folder, and end with
+#      metrics bitwise equal to an uninterrupted run of the same config.
 # Daemons are stopped by PID on exit. Needs root and slurmctld/slurmd/munge (see
 # scripts/slurm_local.sh). KEEP=1 keeps the temporary folder; PY picks the interpreter.
 set -euo pipefail
@@ -30,14 +34,35 @@ bash scripts/slurm_local.sh up "$cluster" >/dev/null
 source "$cluster/env.sh"
 export WANDB_MODE=disabled OMP_NUM_THREADS=1
 
-common=(
-  model=mnist_ae logger=none trainer.progress=false data.source=offline data.max_train=400
+base=(
+  model=mnist_ae trainer.progress=false data.source=offline data.max_train=400
   trainer.batch_size=100 trainer.eval_batch_size=1000 trainer.threads=1
-  launcher=slurm hydra.launcher.partition=debug hydra.launcher.mem_gb=2
-  hydra.launcher.timeout_min=10
 )
+slurm=(launcher=slurm hydra.launcher.partition=debug hydra.launcher.mem_gb=2 hydra.launcher.timeout_min=10)
+common=("${base[@]}" logger=none "${slurm[@]}")
+
+progress() {  # steps recorded in the run's summary under $1 (0 before it exists)
+  "$PY" -c 'import json, sys, glob
+paths = glob.glob(sys.argv[1] + "/*/summary.json")
+print(json.load(open(paths[0]))["steps_completed"] if paths else 0)' "${1:-$work/requeue}"
+}
+
+release_requeued() {  # JOB: wait until it is pending again, then release it
+  # SLURM holds a requeued job back (BeginTime): release it now.
+  local deadline=$((SECONDS + 90))
+  until squeue -h -j "$1" -t pending -o %i 2>/dev/null | grep -q .; do
+    [ "$SECONDS" -lt "$deadline" ] || { say "job $1 was not requeued"; exit 1; }
+    sleep 0.5
+  done
+  scontrol update JobId="$1" StartTime=now
+  say "job $1 requeued; released"
+}
+
+parts=${SLURM_TEST_PARTS:-1 2 3}  # e.g. SLURM_TEST_PARTS=3 runs only the W&B requeue
+part() { [[ " $parts " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- 1. sweep through SLURM
+if part 1; then
 say "sweep: optimizer=sgd,adam through launcher=slurm"
 "$PY" run.py -m "${common[@]}" optimizer=sgd,adam trainer.max_steps=8 \
   results.root="$work/results" hydra.sweep.dir="$work/sweep" >"$work/sweep.log" 2>&1 ||
@@ -52,7 +77,10 @@ assert found == expected, f"run folders: {found}; expected {expected}"
 print(f"slurm_test: sweep ok: {len(found)} run folders completed, sweep id 'sweep'", file=sys.stderr)
 EOF
 
+fi
+
 # ----------------------------------------------------- 2. signal, requeue and resume
+if part 2; then
 say "requeue: SIGUSR2 mid-run, then resume from the checkpoint"
 steps=400
 "$PY" run.py -m "${common[@]}" optimizer=sgd trainer.epochs=1000 trainer.max_steps=$steps \
@@ -60,11 +88,6 @@ steps=400
   hydra.sweep.dir="$work/requeue_sweep" >"$work/requeue.log" 2>&1 &
 launcher=$!
 
-progress() {  # steps recorded in the run's summary (0 before it exists)
-  "$PY" -c 'import json, sys, glob
-paths = glob.glob(sys.argv[1] + "/*/summary.json")
-print(json.load(open(paths[0]))["steps_completed"] if paths else 0)' "$work/requeue"
-}
 deadline=$((SECONDS + 180))
 until [ "$(progress)" -ge 25 ]; do
   [ "$SECONDS" -lt "$deadline" ] || { say "job made no progress"; cat "$work/requeue.log" >&2; exit 1; }
@@ -75,14 +98,7 @@ job=$(squeue -h -o %i | head -n1)
 [ -n "$job" ] || { say "no job in the queue"; exit 1; }
 scancel --signal=USR2 "$job"
 say "sent SIGUSR2 to job $job at step $(progress)"
-# submitit requeues the job; SLURM holds a requeued job back (BeginTime): release it now.
-deadline=$((SECONDS + 60))
-until squeue -h -j "$job" -t pending -o %i 2>/dev/null | grep -q .; do
-  [ "$SECONDS" -lt "$deadline" ] || { say "job $job was not requeued"; exit 1; }
-  sleep 0.5
-done
-scontrol update JobId="$job" StartTime=now
-say "job $job requeued; released"
+release_requeued "$job"
 wait "$launcher" || { cat "$work/requeue.log" >&2; exit 1; }
 "$PY" - "$work/requeue" "$work/requeue_sweep" "$steps" <<'EOF'
 import json, sys
@@ -102,4 +118,57 @@ assert "Requeued job" in "".join(p.read_text() for p in sweep.glob(".submitit/*/
 print(f"slurm_test: requeue ok: resumed in {folders[0].name}, {steps} steps, completed",
       file=sys.stderr)
 EOF
+fi
+
+# ------------------------------------------ 3. scontrol requeue with the W&B logger (offline)
+if part 3; then
+say "requeue with W&B: scontrol requeue mid-run, resume, compare with an uninterrupted run"
+steps=120
+wb=(optimizer=kfac optimizer.cov_period=2 optimizer.inv_period=20 trainer.epochs=1000
+  trainer.max_steps=$steps trainer.eval_every_steps=20 logger=wandb logger.step_every=5)
+WANDB_MODE=offline "$PY" run.py -m "${base[@]}" "${slurm[@]}" "${wb[@]}" \
+  results.root="$work/wandb" hydra.sweep.dir="$work/wandb_sweep" >"$work/wandb.log" 2>&1 &
+launcher=$!
+# The same config without SLURM, W&B or interruption: the reference the requeued run must match.
+"$PY" run.py "${base[@]}" "${wb[@]}" logger.mode=disabled results.root="$work/wandb_reference" \
+  hydra.run.dir="$work/wandb_reference_job" >"$work/wandb_reference.log" 2>&1 &
+reference=$!
+deadline=$((SECONDS + 600))
+until [ "$(progress "$work/wandb")" -ge 40 ]; do
+  [ "$SECONDS" -lt "$deadline" ] || { say "job made no progress"; cat "$work/wandb.log" >&2; exit 1; }
+  kill -0 "$launcher" 2>/dev/null || { say "launcher exited early"; cat "$work/wandb.log" >&2; exit 1; }
+  sleep 0.5
+done
+job=$(squeue -h -t running -o %i | head -n1)
+[ -n "$job" ] || { say "no running job"; exit 1; }
+scontrol requeue "$job"
+say "scontrol requeue $job at step $(progress "$work/wandb")"
+release_requeued "$job"
+wait "$launcher" || { cat "$work/wandb.log" >&2; exit 1; }
+wait "$reference" || { cat "$work/wandb_reference.log" >&2; exit 1; }
+"$PY" - "$work/wandb" "$work/wandb_reference" "$work/wandb_sweep" "$steps" <<'EOF'
+import json, sys
+from pathlib import Path
+import pandas as pd
+results, reference, sweep = (Path(a) for a in sys.argv[1:4])
+steps = int(sys.argv[4])
+(folder,) = sorted(p.parent for p in results.glob("*/summary.json"))
+(ref,) = sorted(p.parent for p in reference.glob("*/summary.json"))
+summary = json.loads((folder / "summary.json").read_text())
+assert summary["status"] == "completed", summary["status"]
+assert summary["steps_completed"] == steps, summary["steps_completed"]
+assert not (folder / "checkpoint.pt").exists(), "the completed run kept its checkpoint"
+logs = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.err"))
+assert "interrupted at step" in logs and "resuming" in logs, "no stop and resume in the job log"
+for name, drop in (("metrics_steps.parquet", ["step_time_s", "wall_time_s"]),
+                   ("metrics_evals.parquet", ["wall_time_s"])):
+    ours = pd.read_parquet(folder / name).drop(columns=drop)
+    theirs = pd.read_parquet(ref / name).drop(columns=drop)
+    pd.testing.assert_frame_equal(ours, theirs, check_exact=True)
+offline = sorted((folder / "wandb").glob("offline-run-*"))
+assert len(offline) == 1 and offline[0].name.endswith(folder.name), offline
+print(f"slurm_test: wandb requeue ok: {folder.name} resumed after scontrol requeue, {steps} "
+      "steps bitwise equal to the uninterrupted run, one W&B offline folder", file=sys.stderr)
+EOF
+fi
 say "OK"

@@ -19,6 +19,8 @@ from core.settings import bounded, check_settings, one_of, required
 from datasets.config import DataConfig
 from models.config import SCHEMAS as MODEL_SCHEMAS
 from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
+from suite.presets import register_help_resolver
+from suite.sweep import register_resolvers
 
 
 class DeviceChoice(str, Enum):
@@ -72,6 +74,7 @@ class TrainerConfig:
     checkpoint_every_steps: int | None = bounded(None, ge=1, integer=True, null="off")
     checkpoint_every_minutes: float | None = bounded(10.0, gt=0, null="off")
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)
+    keep_checkpoint: bool = False  # keep checkpoint.pt of completed/diverged runs (else removed)
     diverge_loss: float = bounded(1.0e8, gt=0)  # a batch loss above this (or not finite) diverges
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
@@ -89,6 +92,7 @@ class LoggerConfig:
     entity: str | None = None
     mode: WandbMode = WandbMode.auto
     tags: list[str] = field(default_factory=list)
+    step_every: int = bounded(10, ge=1, integer=True)  # per-step rows to W&B every this many
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -157,6 +161,8 @@ class Config:
 
 def register_configs() -> None:
     """Register the top-level schema and every group schema with Hydra."""
+    register_resolvers()
+    register_help_resolver()
     store = ConfigStore.instance()
     store.store(name="schema_config", node=Config)
     store.store(group="logger", name="schema_logger", node=LoggerConfig)

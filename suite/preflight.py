@@ -1,7 +1,8 @@
 """Compose and validate every job of a command line before any work starts.
 
 Hydra's own composition errors span several lines; this turns them (and the suite's semantic
-checks) into one line naming the setting and what is allowed, and exits with status 2.
+checks) into one line naming the setting and what is allowed, and exits with status 2. A sweep
+(``-m``) also has each job's data located before anything is submitted (SLURM included).
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ import re
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from core.errors import ConfigError
+from datasets import load_dataset
 from suite.config import register_configs
-from suite.validate import check_writable, validate_config
+from suite.presets import CONF_DIR, group_options
+from suite.validate import UNKNOWN_SETTING, check_writable, validate_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MAX_JOBS_CHECKED = 512
-UNKNOWN_SETTING = "unknown setting (misspelled? `python run.py --cfg job` lists all settings)"
 # Hydra flags after which preflight stands aside (they print or install, never train).
 PASSIVE_FLAGS = (
     "--cfg",
@@ -36,6 +38,7 @@ PASSIVE_FLAGS = (
     "-sc",
     "--shell-completion",
 )
+HIDDEN_PREFIX = "schema_"  # structured-config schemas: building blocks, never a choice
 FLAGS_WITH_VALUE = (
     "-cn",
     "--config-name",
@@ -48,10 +51,19 @@ FLAGS_WITH_VALUE = (
 )
 
 
-def group_options(group: str) -> list[str]:
-    """Presets available in a config group folder."""
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+def check_override(override: str) -> None:
+    """Refuse a schema as a preset and ``+`` additions of settings that no schema declares."""
+    key, _, value = override.partition("=")
+    group = key.lstrip("+~")
+    if "." not in group and (CONF_DIR / group).is_dir():
+        if value.startswith(HIDDEN_PREFIX) or any(
+            v.strip().startswith(HIDDEN_PREFIX) for v in value.split(",")
+        ):
+            allowed = ", ".join(group_options(group)) or "(none)"
+            raise ConfigError(group, f"unknown option '{value}'; allowed: {allowed}")
+        return
+    if key.startswith("+") and not key.startswith("++"):
+        raise ConfigError(group, UNKNOWN_SETTING)
 
 
 def optimizer_family(preset: str) -> str:
@@ -105,6 +117,7 @@ def job_overrides(argv: list[str]) -> tuple[str, list[list[str]]] | None:
         key = arg.lstrip("+~").split("=", 1)[0]
         if key.startswith("hydra.") or key.startswith("hydra/"):
             continue
+        check_override(arg)
         plain.append(arg)
     parsed = OverridesParser.create().parse_overrides(plain)
     choices: list[list[str]] = []
@@ -136,6 +149,23 @@ def compose_with_choices(overrides: list[str]) -> tuple[DictConfig, dict[str, st
     return cfg, choices
 
 
+def check_data(cfgs: list[DictConfig]) -> None:
+    """Locate (load on the CPU) each distinct dataset of the jobs; raises its one-line error."""
+    seen: set[str] = set()
+    for cfg in cfgs:
+        key = f"{cfg.model.dataset}\n{OmegaConf.to_yaml(cfg.data)}"
+        if key in seen:
+            continue
+        seen.add(key)
+        load_dataset(
+            str(cfg.model.dataset),
+            cfg.data,
+            device=torch.device("cpu"),
+            seed=int(cfg.trainer.seed),
+            task=cfg.model.task,
+        )
+
+
 def preflight(argv: list[str]) -> None:
     """Exit with one line on stderr and status 2 if any job of this command line is invalid."""
     try:
@@ -144,12 +174,16 @@ def preflight(argv: list[str]) -> None:
             return
         config_name, jobs = planned
         roots: set[Path] = set()
+        cfgs: list[DictConfig] = []
         for overrides in jobs:
             cfg = compose_job(overrides, config_name=config_name)
             validate_config(cfg)
             roots.add(Path(str(cfg.results.root)))
+            cfgs.append(cfg)
         for root in sorted(roots):
             check_writable(root)
+        if "-m" in argv or "--multirun" in argv:
+            check_data(cfgs)
     except (HydraException, OmegaConfBaseException, ConfigError, ValueError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)

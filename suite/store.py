@@ -8,7 +8,12 @@ Layout of a run folder ``<root>/<run_id>/``:
 - ``metrics_steps.parquet``  one row per optimizer step (``STEP_COLUMNS``)
 - ``metrics_evals.parquet``  one row per evaluation (``EVAL_COLUMNS`` plus optional columns)
 - ``environment.json``       package versions, git commit, CPU/GPU, threads
-- ``checkpoint.pt``          latest checkpoint (not committed to git)
+- ``checkpoint.pt``          latest checkpoint while the run can continue; removed when it
+                             completes or diverges (``trainer.keep_checkpoint=true`` keeps it)
+- ``.lock``                  held (``flock``) by the one process writing the folder
+
+Files are created with the user's umask (group-readable under the usual 022/002), so that
+colleagues on a shared cluster can read the results.
 
 Losses follow docs/method.md §2: ``*_loss`` is the negative log-likelihood summed over output
 dimensions and averaged over examples; ``*_loss_per_output`` divides it by the number of output
@@ -17,6 +22,8 @@ dimensions (the per-pixel mean some papers report).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
 import json
 import os
@@ -37,6 +44,7 @@ STEPS_FILE = "metrics_steps.parquet"
 EVALS_FILE = "metrics_evals.parquet"
 ENVIRONMENT_FILE = "environment.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".lock"
 
 STEP_COLUMNS = ("step", "epoch", "batch_loss", "lr", "step_time_s", "wall_time_s")
 EVAL_COLUMNS = (
@@ -72,11 +80,29 @@ def new_run_id(*, model: str, optimizer: str, seed: int) -> str:
     return f"{stamp}_{model}_{optimizer}_s{seed}_{uuid.uuid4().hex[:6]}"
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux), else by setting and restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one."""
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a torn one.
+
+    The file gets the permissions a plain ``open`` would give (0666 less the umask), not the
+    0600 of a temporary file.
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -141,6 +167,73 @@ def _frame(rows: list[dict[str, float]], columns: tuple[str, ...]) -> pd.DataFra
     return frame[list(columns) + sorted(extra)]
 
 
+class FolderLocked(Exception):
+    """Another live process holds the run folder's lock."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        self.path = path
+        self.holder = holder
+        super().__init__(f"run folder '{path}' is in use by {holder}")
+
+
+class FolderLock:
+    """Exclusive ``flock`` on ``<run folder>/.lock`` for as long as one process writes the folder.
+
+    The kernel drops the lock when its holder dies, so a lock file left by a killed process is
+    simply taken over; the file records the holder (host, pid) for the error message only, and
+    is removed when the holder finishes.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise FolderLocked naming the holder."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise FolderLocked(self.path.parent, self._holder()) from None
+            try:  # the file we locked must still be the one at the path (no unlink race)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.uname().nodename} pid {os.getpid()}\n".encode())
+        self._fd = fd
+
+    def _holder(self) -> str:
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            text = ""
+        return text or "another process"
+
+    def release(self) -> None:
+        """Remove the lock file, then drop the lock (a taker that opened the removed file sees
+        that it is no longer at the path and retries on a fresh one)."""
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class RunFolder:
     """Writer for one run folder; every file it writes is replaced atomically."""
 
@@ -177,10 +270,18 @@ class RunFolder:
         """Read the stored summary."""
         return dict(json.loads((self.path / SUMMARY_FILE).read_text()))
 
+    def read_config(self) -> str:
+        """The stored resolved config (YAML text)."""
+        return (self.path / CONFIG_FILE).read_text()
+
     @property
     def checkpoint_path(self) -> Path:
         """Where this run's checkpoint lives."""
         return self.path / CHECKPOINT_FILE
+
+    def lock(self) -> FolderLock:
+        """The folder's writer lock (use as a context manager or acquire/release)."""
+        return FolderLock(self.path)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,12 +28,24 @@ from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.console import print_end_of_run
 from suite.environment import code_version, collect_environment
+from suite.resume import job_key, load_config, own_run, remember_run, resume_config
 from suite.seeding import seed_everything
 from suite.step import RunDiverged, train_step
-from suite.store import POINTER_FILE, RunFolder, RunRecord, RunStatus, new_run_id, utc_now
+from suite.store import (
+    POINTER_FILE,
+    FolderLock,
+    FolderLocked,
+    RunFolder,
+    RunRecord,
+    RunStatus,
+    atomic_write_text,
+    new_run_id,
+    utc_now,
+)
 from suite.validate import check_writable, validate_config
 from suite.wandb_logger import make_logger
 
+RESUMABLE_STATUSES = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
 LOSS_REDUCTION = "nll summed over output dimensions, mean over examples"
 
 
@@ -45,6 +57,8 @@ class RunContext:
     optimizer_preset: str
     sweep_id: str | None = None
     job_dir: Path | None = None
+    overrides: list[str] = field(default_factory=list)  # the job's command-line overrides
+    run_folder: Path | None = None  # set by the trainer once it writes a run folder
 
 
 class StopRequested:
@@ -139,7 +153,10 @@ class Trainer:
     def __init__(self, cfg: DictConfig, ctx: RunContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self._caller_ctx = ctx
         self.stop = StopRequested()
+        self.lock: FolderLock | None = None
+        self.resumed_summary: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -204,31 +221,74 @@ class Trainer:
                 f"(input {tuple(self.data.train.x.shape[1:])}): {first}",
             ) from None
 
-    def _open_folder(self) -> tuple[RunFolder, bool]:
-        """A new run folder, or the one to resume (explicit or after a requeue)."""
+    def _lock(self, folder: RunFolder) -> None:
+        lock = folder.lock()
+        try:
+            lock.acquire()
+        except FolderLocked as err:
+            raise ConfigError(
+                "trainer.resume", f"{err}; allowed: a run folder no live process writes"
+            ) from None
+        self.lock = lock
+
+    def _claim_resumed(self) -> RunFolder | None:
+        """The run to continue (explicit ``trainer.resume`` or this job's own after a requeue),
+        locked, with ``self.cfg``/``self.ctx`` replaced by the run's own; None for a new run."""
         cfg = self.cfg
-        resume_from = cfg.trainer.resume
-        if resume_from is None and self.ctx.job_dir is not None:
-            pointer = self.ctx.job_dir / POINTER_FILE
-            if pointer.exists():
-                candidate = RunFolder(Path(pointer.read_text().strip()))
-                resumable = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
-                if (
-                    candidate.checkpoint_path.exists()
-                    and candidate.read_summary().get("status") in resumable
-                ):
-                    resume_from = str(candidate.path)
-        if resume_from is not None:
-            folder = RunFolder(Path(resume_from))
+        explicit = cfg.trainer.resume
+        self.job_key = job_key(cfg)
+        if explicit is None:
+            own = own_run(self.ctx.job_dir, self.job_key)
+            if own is None:
+                return None
+            folder = RunFolder(own)
+            try:
+                status = folder.read_summary().get("status")
+            except (OSError, ValueError):
+                return None
+            if status not in RESUMABLE_STATUSES or not folder.checkpoint_path.exists():
+                return None
+        else:
+            folder = RunFolder(Path(explicit))
             if not folder.checkpoint_path.exists():
+                done = (folder.path / "summary.json").is_file() and (
+                    folder.read_summary().get("status") == RunStatus.COMPLETED.value
+                )
+                why = "it is completed and its checkpoint was removed" if done else "no checkpoint"
                 raise ConfigError(
                     "trainer.resume",
-                    f"no checkpoint in '{resume_from}'; allowed: a run folder with checkpoint.pt",
+                    f"{why} in '{explicit}'; allowed: a run folder with checkpoint.pt "
+                    "(trainer.keep_checkpoint=true keeps it for extending a completed run)",
                 )
-            status = folder.read_summary().get("status")
-            if status == RunStatus.COMPLETED.value:
-                raise ConfigError("trainer.resume", f"run '{resume_from}' is already completed")
-            return folder, True
+        self._lock(folder)
+        summary = folder.read_summary()
+        stored = load_config(folder.read_config())
+        presets = {"model": str(summary["model"]), "optimizer": str(summary["optimizer"])}
+        if explicit is not None:
+            stored = resume_config(
+                stored,
+                cfg,
+                overrides=self.ctx.overrides,
+                stored_presets=presets,
+                given_presets={
+                    "model": self.ctx.model_preset,
+                    "optimizer": self.ctx.optimizer_preset,
+                },
+                folder=folder.path,
+            )
+        self.cfg = stored
+        self.ctx = replace(
+            self.ctx,
+            model_preset=presets["model"],
+            optimizer_preset=presets["optimizer"],
+            sweep_id=summary.get("sweep_id"),
+        )
+        self.resumed_summary = summary
+        return folder
+
+    def _create_folder(self) -> RunFolder:
+        """A fresh, locked run folder; the job's pointer to it for its own requeue."""
+        cfg = self.cfg
         root = Path(str(cfg.results.root))
         check_writable(root)
         run_id = new_run_id(
@@ -237,10 +297,16 @@ class Trainer:
             seed=int(cfg.trainer.seed),
         )
         folder = RunFolder.create(root, run_id)
+        self._lock(folder)
+        remember_run(self.ctx.job_dir, self.job_key, folder.path)
+        return folder
+
+    def _remember_job(self) -> None:
         if self.ctx.job_dir is not None:
             self.ctx.job_dir.mkdir(parents=True, exist_ok=True)
-            (self.ctx.job_dir / POINTER_FILE).write_text(str(folder.path.resolve()) + "\n")
-        return folder, False
+            atomic_write_text(
+                self.ctx.job_dir / POINTER_FILE, str(self.folder.path.resolve()) + "\n"
+            )
 
     # --------------------------------------------------------------- summary
     def _summary(self, status: RunStatus, **extra: Any) -> dict[str, Any]:
@@ -361,13 +427,32 @@ class Trainer:
     def run(self) -> RunStatus:
         """Train to the end, a divergence or a stop signal; returns the final status."""
         self._started = time.monotonic()
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> RunStatus:
+        resumed = self._claim_resumed()
         self._setup()
-        self.folder, resumed = self._open_folder()
+        self.folder = resumed if resumed is not None else self._create_folder()
+        self._caller_ctx.run_folder = self.folder.path
+        self._remember_job()
         self.started_at = utc_now()
         self.record = RunRecord()
         self.progress = Progress()
-        if resumed:
-            self.started_at = self.folder.read_summary().get("started_at") or self.started_at
+        if resumed is not None:
+            self.started_at = self.resumed_summary.get("started_at") or self.started_at
+            done = self.resumed_summary.get("steps_completed") or 0
+            if self.resumed_summary.get("status") == RunStatus.COMPLETED.value and (
+                self.total_steps <= done
+            ):
+                raise ConfigError(
+                    "trainer.resume",
+                    f"run '{self.folder.path}' is already completed ({done} steps); allowed: "
+                    "a larger trainer.epochs or trainer.max_steps to extend it",
+                )
             self.progress, self.record = load_checkpoint(
                 self.folder.checkpoint_path,
                 model=self.model,
@@ -376,8 +461,9 @@ class Trainer:
                 device=self.device,
             )
             print(f"resuming {self.folder.path} at step {self.progress.step}", file=sys.stderr)
-        else:
-            self.folder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
+        # The stored config is the run's (extended settings included): summary, config and
+        # metrics are written from this one config.
+        self.folder.write_config(OmegaConf.to_yaml(self.cfg, resolve=True))
         self.folder.write_environment(collect_environment(self.device))
         self.logger = make_logger(
             self.cfg.logger,
@@ -385,10 +471,13 @@ class Trainer:
             run_dir=self.folder.path,
             group=self.ctx.sweep_id or self.cfg.experiment,
             config=OmegaConf.to_container(self.cfg, resolve=True),  # type: ignore[arg-type]
-            resume=resumed,
+            resume=resumed is not None,
         )
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_step = self.progress.step
+        self._log_every = max(int(self.cfg.logger.step_every), 1)
+        if resumed is not None:
+            self.logger.resumed(self._logged_history())
         if not self.record.evals:
             self._evaluate()
         self._write(RunStatus.RUNNING)
@@ -401,6 +490,7 @@ class Trainer:
             summary = self._write(
                 status, diverged_step=self.progress.step + 1, error=str(err), finished_at=utc_now()
             )
+            self._drop_checkpoint()
             print(
                 f"diverged: {err}; run recorded as diverged in {self.folder.path}", file=sys.stderr
             )
@@ -426,8 +516,10 @@ class Trainer:
             self._tell(summary)
             self.stop.forward_to_previous()
             return status
-        self._checkpoint()
+        if self.cfg.trainer.keep_checkpoint:
+            self._checkpoint()
         summary = self._write(RunStatus.COMPLETED, finished_at=utc_now())
+        self._drop_checkpoint()
         self.logger.finish(summary)
         self._tell(summary)
         return RunStatus.COMPLETED
@@ -440,6 +532,18 @@ class Trainer:
             results_root=Path(str(self.cfg.results.root)),
             elapsed_s=time.monotonic() - self._started,
         )
+
+    def _logged_history(self) -> list[dict[str, Any]]:
+        """The rows the logger received so far (throttled steps, then evaluations, by step)."""
+        steps = [r for r in self.record.steps if int(r["step"]) % self._log_every == 0]
+        rows = [(int(r["step"]), 0, r) for r in steps]
+        rows += [(int(r["step"]), 1, r) for r in self.record.evals]
+        return [{**row, "step": step} for step, _, row in sorted(rows, key=lambda t: t[:2])]
+
+    def _drop_checkpoint(self) -> None:
+        """A finished run cannot continue: its checkpoint goes unless the config keeps it."""
+        if not self.cfg.trainer.keep_checkpoint:
+            self.folder.checkpoint_path.unlink(missing_ok=True)
 
     def _train(self) -> RunStatus:
         cfg = self.cfg.trainer
@@ -479,6 +583,8 @@ class Trainer:
                         "wall_time_s": p.wall_time_s,
                     }
                     self.record.steps.append(row)
+                    if p.step % self._log_every == 0:
+                        self.logger.log(row, step=p.step)
                     bar.update(1)
                     bar.set_postfix(
                         epoch=f"{p.step / self.steps_per_epoch:.2f}", loss=f"{loss:.4g}"

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from core.errors import ConfigError
 from core.settings import settings_from
@@ -16,6 +19,18 @@ from datasets.config import DataConfig
 from optimizers.registry import family_of
 from suite.config import LoggerConfig, TrainerConfig, TuningConfig
 
+UNKNOWN_SETTING = "unknown setting (misspelled? `python run.py --cfg job` lists all settings)"
+# Model settings: their schemas (models/config.py) declare no ranges yet.
+MODEL_RULES: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("model.sparse_connections", lambda v: v >= 1, "an integer >= 1"),
+    ("model.depth", lambda v: v >= 1, "an integer >= 1"),
+    ("model.width", lambda v: v >= 1, "an integer >= 1"),
+    ("model.input_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("model.output_dim", lambda v: v >= 1, "an integer >= 1"),
+    ("model.in_channels", lambda v: v >= 1, "an integer >= 1"),
+    ("model.num_classes", lambda v: v >= 2, "an integer >= 2"),
+    ("model.image_size", lambda v: v >= 1, "an integer >= 1"),
+]
 # Config nodes checked against their schema's ranges (`core.settings`), in this order.
 NODES: tuple[tuple[str, type | None], ...] = (
     ("optimizer", None),  # the schema of the optimizer's family
@@ -52,17 +67,44 @@ def check_writable(root: Path) -> None:
             pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
+        blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            reason = f"'{blocker}' is a file, not a folder; allowed: a folder path"
         raise ConfigError(setting, f"cannot write run folders under '{root}' ({reason})") from None
     if not os.access(root, os.W_OK):
         raise ConfigError(setting, f"cannot write run folders under '{root}'")
 
 
+def check_known_and_finite(node: DictConfig, prefix: str = "") -> None:
+    """Every key is declared by its node's schema (no ``+trainer.foo=1``), every float finite."""
+    schema = OmegaConf.get_type(node)
+    declared = (
+        {f.name for f in dataclasses.fields(schema)}
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema)
+        else None
+    )
+    for key in [str(k) for k in node]:
+        setting = f"{prefix}{key}"
+        if declared is not None and key not in declared:
+            raise ConfigError(setting, UNKNOWN_SETTING)
+        value = node[key]
+        if isinstance(value, DictConfig):
+            check_known_and_finite(value, f"{setting}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(setting, f"got {value}; allowed: a finite number")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Raise ConfigError for the first invalid setting of a composed config.
 
-    Single settings are checked by their schema (ranges declared with the field); the rules
-    below are the ones across settings.
+    Every key must be declared and every float finite; single settings are checked by their
+    schema (ranges declared with the field); the rules below are the ones across settings.
     """
+    check_known_and_finite(cfg)
+    for setting, allowed, description in MODEL_RULES:
+        present, value = _get(cfg, setting)
+        if present and not allowed(value):
+            raise ConfigError(setting, f"got {value!r}; allowed: {description}")
     for prefix, schema in NODES:
         if prefix not in cfg or cfg[prefix] is None:
             continue

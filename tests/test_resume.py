@@ -117,3 +117,49 @@ def test_sigkill_at_random_steps_then_resume_matches(reference: Path, tmp_path: 
     assert read_run(folder).summary["status"] == "completed"
     for ours, theirs in zip(_comparable(folder), _comparable(reference), strict=True):
         pd.testing.assert_frame_equal(ours, theirs)
+
+
+def _start_wandb(*extra: str, root: Path) -> subprocess.Popen[str]:
+    """A run that mirrors to W&B offline, in its own process group (like a SLURM job step)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    args = [a for a in ARGS if a != "logger=none"]
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "run.py"),
+            *args,
+            "logger=wandb",
+            f"results.root={root}",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def test_sigterm_to_the_process_group_with_wandb_stops_cleanly_and_resumes_identically(
+    reference: Path, tmp_path: Path
+) -> None:
+    proc = _start_wandb(root=tmp_path)
+    deadline = time.monotonic() + 300
+    while _steps_done(tmp_path) < 9 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)  # the trainer and W&B's service alike
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    (folder,) = find_run_folders(tmp_path)
+    summary = read_run(folder).summary
+    assert summary["status"] == "interrupted" and (folder / "checkpoint.pt").is_file()
+    proc = _start_wandb(f"trainer.resume={folder}", root=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert read_run(folder).summary["status"] == "completed"
+    for ours, theirs in zip(_comparable(folder), _comparable(reference), strict=True):
+        pd.testing.assert_frame_equal(ours, theirs)
+    offline = sorted((folder / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and offline[0].name.endswith(folder.name), offline

@@ -1,4 +1,5 @@
-"""A real SLURM round trip: one-node cluster on localhost, a sweep, a requeue and a resume."""
+"""A real SLURM round trip: one-node cluster on localhost, a sweep, requeues (SIGUSR2, and
+``scontrol requeue`` of a W&B-logging job) and bitwise-exact resumes."""
 
 from __future__ import annotations
 
@@ -31,3 +32,4 @@ def test_sweep_and_requeue_through_a_local_slurm() -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     assert "sweep ok: 2 run folders completed" in done.stderr
     assert "requeue ok: resumed" in done.stderr
+    assert "wandb requeue ok:" in done.stderr
