@@ -323,7 +323,7 @@ def test_validation_split_and_subset_are_deterministic_and_named() -> None:
     val_rows = {tuple(r) for r in bundle.val.x.tolist()}
     all_rows = {tuple(r) for r in full.train.x.tolist()}
     assert not train_rows & val_rows and (train_rows | val_rows) <= all_rows
-    with pytest.raises(ConfigError, match=r"data\.max_train: got 0"):
+    with pytest.raises(ConfigError, match=r"max_train: got 0"):
         load("teacher", max_train=0)
 
 
