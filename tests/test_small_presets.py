@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datasets import load_dataset
-from suite.preflight import compose_job
+from suite.preflight import compose_job, compose_with_choices
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = sorted(
@@ -40,3 +40,30 @@ def test_small_preset_refreshes_inverses_at_least_ten_times(preset: str) -> None
     if refreshes is None:
         pytest.skip(f"{preset}: data not available offline")
     assert (refreshes >= MIN_REFRESHES) is (preset not in SHORT), (preset, refreshes)
+
+
+# Small presets whose K-FAC must get clearly below the trivial baseline within LEARN_STEPS steps
+# (the cheap ones; the autoencoder presets take minutes a run on a shared CPU).
+LEARN_PRESETS = ["tselepidis_deep_linear_small"]
+LEARN_STEPS = 200
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", LEARN_PRESETS)
+def test_small_preset_kfac_learns(preset: str, tmp_path: Path) -> None:
+    from suite.store import RunStatus, find_run_folders, read_run
+    from suite.train import RunContext, run
+
+    cfg, choices = compose_with_choices(
+        [f"experiment={preset}", "optimizer=kfac", f"trainer.max_steps={LEARN_STEPS}",
+         "logger=none", "trainer.progress=false", "trainer.threads=1", f"results.root={tmp_path}"]
+    )  # fmt: skip
+    ctx = RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"])
+    assert run(cfg, ctx) is RunStatus.COMPLETED
+    (folder,) = find_run_folders(tmp_path)
+    summary = read_run(folder).summary
+    assert summary["status"] == RunStatus.COMPLETED.value
+    assert summary["learned"] is True, (
+        summary["final_train_running_loss"],
+        summary["baseline_train_loss"],
+    )
