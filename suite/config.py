@@ -62,6 +62,10 @@ class TrainerConfig:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
     lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
     lr_gamma: float = 0.1
+    # ReduceLROnPlateau on the test loss of epoch-end evaluations (lr *= lr_gamma after this many
+    # epochs without improvement; the two-level authors' toy: 10); None: off
+    lr_plateau_patience: int | None = None
+    lr_min: float = 1.0e-7  # floor of the plateau schedule (the authors' min_lr)
     checkpoint_every_steps: int | None = None
     checkpoint_every_minutes: float | None = 10.0
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)

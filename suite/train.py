@@ -207,8 +207,17 @@ class Trainer:
         self.optimizer_description = (
             describe() if callable(describe) else type(self.optimizer).__name__
         )
-        self.scheduler = None
-        if len(cfg.trainer.lr_milestones) > 0:
+        self.scheduler: Any = None
+        self.plateau = cfg.trainer.get("lr_plateau_patience") is not None
+        if self.plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer,
+                mode="min",
+                factor=float(cfg.trainer.lr_gamma),
+                patience=int(cfg.trainer.lr_plateau_patience),
+                min_lr=float(cfg.trainer.lr_min),
+            )
+        elif len(cfg.trainer.lr_milestones) > 0:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 self.optimizer,
                 milestones=list(cfg.trainer.lr_milestones),
@@ -406,6 +415,17 @@ class Trainer:
         self.last_output = output.detach()
         return value
 
+    def _plateau_loss(self) -> float:
+        """The loss the plateau schedule watches: the test (else val, train) loss of this epoch."""
+        row = self.record.evals[-1]
+        if int(row["step"]) != self.progress.step:  # evaluations are not at epoch ends
+            self._evaluate()
+            row = self.record.evals[-1]
+        for split in ("test", "val", "train"):
+            if f"{split}_loss" in row:
+                return float(row[f"{split}_loss"])
+        raise RuntimeError("no evaluation loss for the plateau schedule")
+
     def _checkpoint(self) -> None:
         save_checkpoint(
             self.folder.checkpoint_path,
@@ -545,11 +565,13 @@ class Trainer:
                     if epoch_done:  # the next batch comes from the next epoch's order
                         p.epoch += 1
                         p.batch_in_epoch = 0
-                        if self.scheduler is not None:
+                        if self.scheduler is not None and not self.plateau:
                             self.scheduler.step()
                     if p.step % eval_every == 0 or p.step == self.total_steps:
                         self._evaluate()
                         self._write(RunStatus.RUNNING)
+                    if epoch_done and self.plateau:  # the authors step on the test loss
+                        self.scheduler.step(self._plateau_loss())
                     if self.stop.signal is not None:
                         return RunStatus.INTERRUPTED
                     if self._checkpoint_due():

@@ -39,6 +39,8 @@ RULES: list[Rule] = [
     ("trainer.eval_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("trainer.threads", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("trainer.lr_gamma", lambda v: v > 0, "a positive number"),
+    ("trainer.lr_plateau_patience", lambda v: v is None or v >= 0, "null or an integer >= 0"),
+    ("trainer.lr_min", lambda v: v >= 0, "a number >= 0"),
     ("trainer.checkpoint_every_steps", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("trainer.checkpoint_every_minutes", lambda v: v is None or v > 0, "null or a number > 0"),
     ("trainer.diverge_loss", lambda v: v > 0, "a positive number"),
@@ -87,6 +89,11 @@ def validate_config(cfg: DictConfig) -> None:
     if milestones != sorted(set(milestones)) or any(m < 1 for m in milestones):
         raise ConfigError(
             "trainer.lr_milestones", f"got {milestones}; allowed: increasing epochs >= 1"
+        )
+    if milestones and cfg.trainer.get("lr_plateau_patience") is not None:
+        raise ConfigError(
+            "trainer.lr_plateau_patience",
+            "cannot combine with trainer.lr_milestones; allowed: one learning-rate schedule",
         )
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise ConfigError("trainer.epochs", "is 0 and trainer.max_steps is null; nothing to train")

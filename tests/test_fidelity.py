@@ -9,6 +9,8 @@ the summed loss with (λ·D², η·D, κ·D², wd/D) in eigen and factored dampi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +21,7 @@ from models.autoencoder import DeepAutoencoder
 from models.config import Activation, Init
 from optimizers.kfac import KFAC
 from optimizers.twolevel import TwoLevelKFAC
+from suite.store import RunStatus, read_run
 from tests.dense_fisher import protocol_step
 
 D = torch.float64
@@ -87,3 +90,34 @@ def test_xavier_init_uses_the_activation_gain() -> None:
         assert float(layer.weight.abs().max()) > 0.99 * bound  # uniform on [−bound, bound]
         assert float(layer.weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
         assert not layer.bias.any()
+
+
+def test_plateau_schedule_cuts_the_lr_when_the_test_loss_stalls(
+    run_job: Callable[..., tuple[RunStatus, Path]],
+) -> None:
+    # lr 1e-7, 2 steps an epoch, no BatchNorm (its running statistics move the eval loss): the
+    # test loss cannot improve by torch's relative threshold 1e-4,
+    # so with patience 0 every epoch after the first halves the lr (authors' toy: 0.1 and 10).
+    status, folder = run_job(
+        "model=deep_linear", "model.depth=2", "model.batchnorm=false", "optimizer=sgd",
+        "optimizer.lr=1e-7", "optimizer.momentum=0",
+        "trainer.batch_size=500", "trainer.epochs=4", "data.max_train=1000",
+        "trainer.lr_plateau_patience=0", "trainer.lr_gamma=0.5", "trainer.lr_min=0",
+    )  # fmt: skip
+    assert status is RunStatus.COMPLETED
+    steps = read_run(folder).steps
+    per_epoch = steps.groupby(steps["epoch"].apply(math.ceil))["lr"].first().tolist()
+    assert per_epoch == pytest.approx([1e-7, 1e-7, 5e-8, 2.5e-8], rel=1e-12)
+
+
+def test_plateau_and_milestones_do_not_combine() -> None:
+    from core.errors import ConfigError
+    from suite.preflight import compose_job
+    from suite.validate import validate_config
+
+    cfg = compose_job(
+        ["model=deep_linear", "optimizer=sgd", "trainer.lr_plateau_patience=3",
+         "trainer.lr_milestones=[2]"]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="lr_plateau_patience"):
+        validate_config(cfg)
