@@ -18,6 +18,7 @@ from models.config import (
     CNNArch,
     CNNConfig,
     DeepLinearConfig,
+    DeepLinearInit,
     ModelConfig,
     Task,
 )
@@ -104,6 +105,8 @@ def _build_deep_linear(cfg: DeepLinearConfig) -> nn.Module:
         input_dim=cfg.input_dim,
         output_dim=cfg.output_dim,
         batchnorm=cfg.batchnorm,
+        output_bias=cfg.output_bias,
+        kaiming=DeepLinearInit(getattr(cfg.init, "value", cfg.init)) is DeepLinearInit.kaiming,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +37,14 @@ def code_layer_index(layers: list[int]) -> int:
     return 1 + hidden.index(min(hidden))
 
 
+# torch's calculate_gain name of each activation (the authors apply it to every layer).
+XAVIER_GAIN: dict[Activation, Literal["sigmoid", "tanh", "relu"]] = {
+    Activation.logistic: "sigmoid",
+    Activation.tanh: "tanh",
+    Activation.relu: "relu",
+}
+
+
 class DeepAutoencoder(nn.Module):
     """Fully connected autoencoder; flattens any input shape and returns (B, D) logits/means.
 
@@ -47,7 +56,9 @@ class DeepAutoencoder(nn.Module):
     15 nonzero incoming weights per unit, N(0, 1) for logistic and tanh units, zero biases. For
     ReLU units the nonzero weights are N(0, 2/15) instead (our choice: He-style variance for 15
     inputs, since N(0, 1) would grow activations ~7.5x per layer). ``init=pytorch`` keeps
-    torch.nn.Linear's default initialisation.
+    torch.nn.Linear's default initialisation. ``init=xavier`` is the two-level authors'
+    (KFAC-Pytorch models/mnist/deep_autoencoder.py): Xavier-uniform weights with
+    ``nn.init.calculate_gain`` of the activation (5/3 for tanh) on every layer, zero biases.
     """
 
     def __init__(
@@ -69,6 +80,10 @@ class DeepAutoencoder(nn.Module):
             linear = nn.Linear(fan_in, fan_out)
             if init is Init.sparse:
                 sparse_init_(linear, connections=sparse_connections, scale=scale)
+            elif init is Init.xavier:
+                gain = nn.init.calculate_gain(XAVIER_GAIN[activation])
+                nn.init.xavier_uniform_(linear.weight, gain=gain)
+                nn.init.zeros_(linear.bias)
             modules.append(linear)
             if i != last and i + 1 != self.code_index:
                 modules.append(ACTIVATIONS[activation]())

@@ -33,6 +33,7 @@ class Init(str, Enum):
 
     sparse = "sparse"  # Martens 2010: 15 nonzero N(0, 1) incoming weights per unit, zero biases
     pytorch = "pytorch"  # torch.nn.Linear's default (uniform, fan-in scaled)
+    xavier = "xavier"  # Xavier-uniform with the activation's gain, zero biases (Tselepidis' AE)
 
 
 class CNNArch(str, Enum):
@@ -68,6 +69,13 @@ class AutoencoderConfig(ModelConfig):
     sparse_connections: int = 15  # nonzero incoming weights per unit under init=sparse
 
 
+class DeepLinearInit(str, Enum):
+    """Weight initialisation of the deep linear network."""
+
+    pytorch = "pytorch"  # torch.nn.Linear's default
+    kaiming = "kaiming"  # kaiming_uniform_(fan_in, relu): the authors' SimpleMLP (toy)
+
+
 @dataclass
 class DeepLinearConfig(ModelConfig):
     """Deep linear network with BatchNorm of the two-level authors' toy problem.
@@ -81,6 +89,8 @@ class DeepLinearConfig(ModelConfig):
     input_dim: int = 10
     output_dim: int = 1
     batchnorm: bool = True
+    output_bias: bool = True  # the authors' toy (SimpleMLP(bias=False)): false
+    init: DeepLinearInit = DeepLinearInit.pytorch  # the authors' toy: kaiming
 
 
 @dataclass

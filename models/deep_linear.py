@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 
@@ -10,11 +12,21 @@ class DeepLinearNet(nn.Module):
     -> BN], then Linear(width, output_dim) with bias; inputs of any shape are flattened.
 
     Initialisation: PyTorch defaults (nn.Linear's fan-in-scaled uniform, BN weight 1 and bias
-    0), as in the two-level authors' script, which builds the layers with nn defaults.
+    0), or with ``kaiming=True`` the two-level authors' SimpleMLP init (KFAC-Pytorch@74b6c7d
+    models/cifar/simple_mlp.py:49): kaiming_uniform_(fan_in, relu) weights, biases
+    U(±1/√fan_in). ``output_bias=False`` drops the output layer's bias (their toy has none).
     """
 
     def __init__(
-        self, *, depth: int, width: int, input_dim: int, output_dim: int, batchnorm: bool = True
+        self,
+        *,
+        depth: int,
+        width: int,
+        input_dim: int,
+        output_dim: int,
+        batchnorm: bool = True,
+        output_bias: bool = True,
+        kaiming: bool = False,
     ) -> None:
         super().__init__()
         modules: list[nn.Module] = []
@@ -24,8 +36,15 @@ class DeepLinearNet(nn.Module):
             if batchnorm:
                 modules.append(nn.BatchNorm1d(width))
             fan_in = width
-        modules.append(nn.Linear(width, output_dim))
+        modules.append(nn.Linear(width, output_dim, bias=output_bias))
         self.net = nn.Sequential(*modules)
+        if kaiming:
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity="relu")
+                    if layer.bias is not None:
+                        bound = 1.0 / math.sqrt(layer.weight.shape[1])
+                        nn.init.uniform_(layer.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
         """Outputs (B, output_dim): logits for the binary teacher task or the classes."""

@@ -380,7 +380,7 @@ class KFACBlock:
         """
         if mode is DampingMode.eigen:
             return self._update_eigen(damping)
-        return self._update_factored(damping)
+        return self._update_factored(damping, unit=mode is DampingMode.factored_unit)
 
     def factor_eigenpairs(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """(d_A, Q_A), (d_G, Q_G) of the current factors (eigenvalues clamped at 0).
@@ -415,8 +415,8 @@ class KFACBlock:
         self.eigen_scale = 1.0 / (torch.outer(self.d_G, self.d_A) + damping)
         self.damping = damping
 
-    def _update_factored(self, damping: float) -> int:
-        pi = factored_pi(self.A, self.G)
+    def _update_factored(self, damping: float, *, unit: bool = False) -> int:
+        pi = 1.0 if unit else factored_pi(self.A, self.G)
         root = math.sqrt(damping)
         inv_a = robust_spd_inverse(_plus_diagonal(self.A, pi * root))
         inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
@@ -426,7 +426,7 @@ class KFACBlock:
             return 2
         self.A_inv, self.G_inv, self.pi = inv_a[0], inv_g[0], pi
         self.Q_A = self.d_A = self.Q_G = self.d_G = self.eigen_scale = None
-        self.mode = DampingMode.factored
+        self.mode = DampingMode.factored_unit if unit else DampingMode.factored
         self.damping = damping
         return int(inv_a[1]) + int(inv_g[1])
 
@@ -435,14 +435,14 @@ class KFACBlock:
         if self.mode is DampingMode.eigen:
             self._set_eigen_scale(damping)
             return 0
-        if self.mode is DampingMode.factored:
-            return self._update_factored(damping)
+        if self.mode in (DampingMode.factored, DampingMode.factored_unit):
+            return self._update_factored(damping, unit=self.mode is DampingMode.factored_unit)
         return 0
 
     # ------------------------------------------------------------------ stage 5
     def multiply_inverse(self, mat: Tensor) -> Tensor:
         """Stage 5: the damped inverse applied to a d_out × d_in' matrix (factor dtype)."""
-        if self.mode is DampingMode.factored:
+        if self.mode in (DampingMode.factored, DampingMode.factored_unit):
             assert self.A_inv is not None and self.G_inv is not None
             return self.G_inv @ mat @ self.A_inv
         if self.mode is DampingMode.eigen:
@@ -810,11 +810,11 @@ class EmbeddingBlock(KFACBlock):
         self._set_eigen_scale(damping)
         return int(eig_g[2])
 
-    def _update_factored(self, damping: float) -> int:
+    def _update_factored(self, damping: float, *, unit: bool = False) -> int:
         ratio_a = float(self.A.sum()) / self.A.shape[0]
         ratio_g = float(self.G.diagonal().sum()) / self.G.shape[0]
         ok = math.isfinite(ratio_a) and math.isfinite(ratio_g) and ratio_a > 0 and ratio_g > 0
-        pi = math.sqrt(ratio_a / ratio_g) if ok else 1.0
+        pi = math.sqrt(ratio_a / ratio_g) if ok and not unit else 1.0
         root = math.sqrt(damping)
         inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
         if inv_g is None:
@@ -823,13 +823,13 @@ class EmbeddingBlock(KFACBlock):
             return 1
         self.A_inv, self.G_inv, self.pi = 1.0 / (self.A + pi * root), inv_g[0], pi
         self.Q_A = self.d_A = self.Q_G = self.d_G = self.eigen_scale = None
-        self.mode = DampingMode.factored
+        self.mode = DampingMode.factored_unit if unit else DampingMode.factored
         self.damping = damping
         return int(inv_g[1])
 
     def multiply_inverse(self, mat: Tensor) -> Tensor:
         """The damped inverse on a embedding_dim × num_embeddings matrix (A diagonal)."""
-        if self.mode is DampingMode.factored:
+        if self.mode in (DampingMode.factored, DampingMode.factored_unit):
             assert self.A_inv is not None and self.G_inv is not None
             return (self.G_inv @ mat) * self.A_inv
         if self.mode is DampingMode.eigen:

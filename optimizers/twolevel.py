@@ -49,15 +49,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.errors import ConfigError
 from core.settings import bounded
 from optimizers.coarse import (
     BasisNorm,
     CoarseDamping,
+    CoarseDownsample,
     CoarseFisher,
+    CoarseRefresh,
     CoarseSolver,
     CoarseSpace,
     LayerBasis,
     LayerStats,
+    accumulate_coarse,
     coarse_damping,
     coarse_fisher,
     exact_coarse_fisher,
@@ -112,10 +116,21 @@ class TwoLevelKFACConfig(KFACConfig):
     combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
     omega1: float = bounded(1.0, ge=0)  # weight of the fine level (paper: 1); 0: coarse step only
     omega2: float = bounded(1.0, ge=0)  # weight of the coarse level (paper: 1); 0: K-FAC exactly
+    coarse_refresh: CoarseRefresh = CoarseRefresh.rebuild  # authors' paper-time code: accumulate
+    coarse_downsample: CoarseDownsample = CoarseDownsample.centre  # authors' code: nearest
 
     def __post_init__(self) -> None:
         super().__post_init__()
         resolve_nbasis(self.coarse_space, self.nbasis)  # the count must suit the space
+        if (
+            self.coarse_refresh is CoarseRefresh.accumulate
+            and self.coarse_space is not CoarseSpace.nicolaides
+        ):
+            raise ConfigError(
+                "coarse_refresh",
+                f"accumulate needs coarse_space=nicolaides (a fixed basis); "
+                f"got {self.coarse_space.value}; allowed: rebuild",
+            )
 
 
 @dataclass
@@ -149,6 +164,8 @@ class TwoLevelKFAC(KFAC):
         self.combination = cfg.combination
         self.omega1 = float(cfg.omega1)
         self.omega2 = float(cfg.omega2)
+        self.coarse_refresh = cfg.coarse_refresh
+        self.coarse_downsample = cfg.coarse_downsample
         unsupported = [
             f"'{name}' ({block.kind})"
             for name, block in zip(self.block_names, self.blocks, strict=True)
@@ -166,6 +183,10 @@ class TwoLevelKFAC(KFAC):
         self._moments: tuple[Tensor, Tensor] | None = None
         self._exact_fisher: Tensor | None = None
         self.coarse_updates = 0
+        # coarse_refresh=accumulate: summed off-diagonals, latest F_c, refresh due at next build
+        self._accumulated: Tensor | None = None
+        self._accumulated_fisher: Tensor | None = None
+        self._refresh_due = True
         self._operator: _Operator | None = None
         self._stale = True
         self._eig_cache: list[EigenPairs] | None = None
@@ -184,7 +205,8 @@ class TwoLevelKFAC(KFAC):
             f"{super().describe()}; two-level: {self.coarse_space.value} ×{self.nbasis}, "
             f"norm={self.basis_norm.value}, F_c={self.coarse_fisher.value}, "
             f"D_c={self.coarse_damping.value}, {self.combination.value}, "
-            f"ω1={self.omega1:g}, ω2={self.omega2:g}"
+            f"ω1={self.omega1:g}, ω2={self.omega2:g}, refresh={self.coarse_refresh.value}, "
+            f"downsample={self.coarse_downsample.value}"
         )
 
     # ------------------------------------------------------------------ curvature stages
@@ -204,7 +226,7 @@ class TwoLevelKFAC(KFAC):
             return
         decay = ema_decay(self.coarse_updates, self.ema_max)
         if self.coarse_fisher is CoarseFisher.kron:
-            batch = nicolaides_moments(stats)
+            batch = nicolaides_moments(stats, self.coarse_downsample)
             if not all(bool(torch.isfinite(m).all()) for m in batch):
                 return
             if self._moments is None:
@@ -228,6 +250,7 @@ class TwoLevelKFAC(KFAC):
         """K-FAC's inverses; the coarse operator is rebuilt at the next step."""
         super().update_inverses()
         self._stale = True
+        self._refresh_due = True
         self._eig_cache = None
 
     def refresh_damping(self) -> None:
@@ -289,13 +312,23 @@ class TwoLevelKFAC(KFAC):
     def _fisher_for(self, bases: list[LayerBasis], stats: list[LayerStats]) -> Tensor | None:
         """F_c: running averages (Nicolaides), else from the latest statistics batch."""
         if not self.strategy.running_statistics:
-            return coarse_fisher(self.coarse_fisher, stats, bases)
+            return coarse_fisher(self.coarse_fisher, stats, bases, self.coarse_downsample)
+        if self.coarse_refresh is CoarseRefresh.accumulate and not self._refresh_due:
+            return self._accumulated_fisher  # λ changed only: the same F_c, re-damped
         if self.coarse_fisher is CoarseFisher.exact:
-            return self._exact_fisher
-        if self._moments is None:
-            return None
-        scales = ones_scales(bases, dtype=self._moments[0].dtype)
-        return kron_nicolaides_fisher(*self._moments, kron_scale(stats), scales)
+            fresh = self._exact_fisher
+        elif self._moments is None:
+            fresh = None
+        else:
+            scales = ones_scales(bases, dtype=self._moments[0].dtype)
+            scale = kron_scale(stats, self.coarse_downsample)
+            fresh = kron_nicolaides_fisher(*self._moments, scale, scales)
+        if fresh is None or self.coarse_refresh is CoarseRefresh.rebuild:
+            return fresh
+        used, self._accumulated = accumulate_coarse(self._accumulated, fresh)
+        self._accumulated_fisher = used
+        self._refresh_due = False
+        return used
 
     def _build_operator(
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
@@ -445,6 +478,9 @@ class TwoLevelKFAC(KFAC):
             "stale": self._stale,
             "operator": operator,
             "nondescent": self._nondescent,
+            "accumulated": self._accumulated,
+            "accumulated_fisher": self._accumulated_fisher,
+            "refresh_due": self._refresh_due,
             "extreme": [self.coarse_extreme_share, self.coarse_extreme_cond],
         }
         return state
@@ -467,6 +503,9 @@ class TwoLevelKFAC(KFAC):
         self.coarse_updates = int(coarse["updates"])
         self._stale = bool(coarse["stale"])
         self._nondescent = move(coarse.get("nondescent"))
+        self._accumulated = move(coarse.get("accumulated"))
+        self._accumulated_fisher = move(coarse.get("accumulated_fisher"))
+        self._refresh_due = bool(coarse.get("refresh_due", True))
         extreme = coarse.get("extreme", [0, 0])
         self.coarse_extreme_share, self.coarse_extreme_cond = int(extreme[0]), int(extreme[1])
         op = coarse["operator"]

@@ -71,6 +71,10 @@ class TrainerConfig:
     threads: int | None = bounded(None, ge=1, integer=True, null="torch's default")  # intra-op
     lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
     lr_gamma: float = bounded(0.1, gt=0)
+    # ReduceLROnPlateau on the test loss of epoch-end evaluations (lr *= lr_gamma after this many
+    # epochs without improvement; the two-level authors' toy: 10)
+    lr_plateau_patience: int | None = bounded(None, ge=0, integer=True, null="off")
+    lr_min: float = bounded(1.0e-7, ge=0)  # floor of the plateau schedule (the authors' min_lr)
     checkpoint_every_steps: int | None = bounded(None, ge=1, integer=True, null="off")
     checkpoint_every_minutes: float | None = bounded(10.0, gt=0, null="off")
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,13 @@ def is_curvature_optimizer(optimizer: object) -> bool:
     return _KEEPS_CONTRACT[kind]
 
 
+class StepOutcome(NamedTuple):
+    """What one step saw: the train-mode batch loss before the update and the model output."""
+
+    loss: float
+    output: Tensor  # detached; e.g. for the train-mode batch accuracy
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -91,6 +98,19 @@ def train_step(
 
     Raises RunDiverged when the loss is not finite or above ``diverge_loss``.
     """
+    return take_step(model, optimizer, likelihood, x, target, diverge_loss=diverge_loss).loss
+
+
+def take_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    likelihood: Likelihood,
+    x: Tensor,
+    target: Tensor,
+    *,
+    diverge_loss: float = math.inf,
+) -> StepOutcome:
+    """`train_step`, also returning the (detached) model output of the step's forward pass."""
     if is_curvature_optimizer(optimizer):
         assert isinstance(optimizer, CurvatureOptimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -114,4 +134,4 @@ def train_step(
     value = float(loss.detach())
     if not math.isfinite(value) or value > diverge_loss:
         raise RunDiverged(f"batch loss {value:g}")
-    return value
+    return StepOutcome(value, output.detach())

@@ -28,9 +28,10 @@ from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.console import print_end_of_run
 from suite.environment import code_version, collect_environment
+from suite.metrics import batch_accuracy, learned, trivial_baseline, window_mean
 from suite.resume import job_key, load_config, own_run, remember_run, resume_config
 from suite.seeding import seed_everything
-from suite.step import RunDiverged, train_step
+from suite.step import RunDiverged, take_step
 from suite.store import (
     POINTER_FILE,
     FolderLock,
@@ -124,25 +125,31 @@ def split_targets(split: Split, *, autoencoder: bool) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, likelihood: Likelihood, *, targets: Tensor, batch_size: int
+    model: nn.Module,
+    split: Split,
+    likelihood: Likelihood,
+    *,
+    targets: Tensor,
+    batch_size: int,
+    classifier: bool = False,
 ) -> dict[str, float]:
-    """Loss (and accuracy for classifiers) over a whole split, in eval mode."""
+    """Loss (and accuracy for classifiers: categorical or binary) over a split, in eval mode."""
     was_training = model.training
     model.eval()
-    total, per_output, correct, count = 0.0, 0, 0, 0
+    total, per_output, correct, count = 0.0, 0, 0.0, 0
     for start in range(0, split.x.shape[0], batch_size):
         x = split.x[start : start + batch_size]
         target = targets[start : start + batch_size]
         output = model(x)
         total += float(likelihood.per_example_nll(output, target).sum())
         per_output = likelihood.outputs_per_example(output)
-        if likelihood is Likelihood.categorical:
-            correct += int((output.argmax(dim=-1) == target).sum())
+        if classifier:
+            correct += batch_accuracy(likelihood, output, target) * x.shape[0]
         count += x.shape[0]
     model.train(was_training)
     loss = total / max(count, 1)
     metrics = {"loss": loss, "loss_per_output": loss / max(per_output, 1)}
-    if likelihood is Likelihood.categorical:
+    if classifier:
         metrics["acc"] = correct / max(count, 1)
     return metrics
 
@@ -173,11 +180,18 @@ class Trainer:
         data = load_dataset(str(cfg.model.dataset), cfg.data, device=self.device, seed=seed)
         self.data = _cast(data, self.dtype)
         autoencoder = _value(cfg.model.task) == "autoencoder"
+        self.classifier = not autoencoder
         self.targets = {
             name: split_targets(split, autoencoder=autoencoder)
             for name in ("train", "val", "test")
             if (split := getattr(self.data, name)) is not None and split.x.shape[0] > 0
         }
+        self.baseline = trivial_baseline(
+            self.likelihood,
+            self.targets,
+            autoencoder=autoencoder,
+            classes=int(getattr(cfg.model, "num_classes", None) or 0),
+        )
         if self.data.train.x.shape[0] < cfg.trainer.batch_size:
             raise ConfigError(
                 "trainer.batch_size",
@@ -192,8 +206,17 @@ class Trainer:
         self.optimizer_description = (
             describe() if callable(describe) else type(self.optimizer).__name__
         )
-        self.scheduler = None
-        if len(cfg.trainer.lr_milestones) > 0:
+        self.scheduler: Any = None
+        self.plateau = cfg.trainer.get("lr_plateau_patience") is not None
+        if self.plateau:
+            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizer,
+                mode="min",
+                factor=float(cfg.trainer.lr_gamma),
+                patience=int(cfg.trainer.lr_plateau_patience),
+                min_lr=float(cfg.trainer.lr_min),
+            )
+        elif len(cfg.trainer.lr_milestones) > 0:
             self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
                 self.optimizer,
                 milestones=list(cfg.trainer.lr_milestones),
@@ -345,6 +368,19 @@ class Trainer:
             "diverged_step": None,
             "error": None,
         }
+        running = last.get("train_running_loss")
+        running = None if running is None or math.isnan(running) else running
+        baseline = self.baseline.losses.get("train")
+        finished = status in (RunStatus.COMPLETED, RunStatus.DIVERGED)
+        summary["final_train_running_loss"] = running
+        summary["final_train_running_acc"] = last.get("train_running_acc")
+        summary["baseline_train_loss"] = baseline
+        summary["baseline_test_loss"] = self.baseline.losses.get("test")
+        summary["baseline_predictor"] = self.baseline.predictor
+        if status is RunStatus.DIVERGED:
+            summary["learned"] = False
+        else:
+            summary["learned"] = learned(running, baseline) if finished else None
         for split in ("train", "val", "test"):
             summary[f"final_{split}_loss"] = last.get(f"{split}_loss")
             summary[f"best_{split}_loss"] = best.get(f"{split}_loss")
@@ -367,11 +403,24 @@ class Trainer:
             "epoch": self.progress.step / self.steps_per_epoch,
             "wall_time_s": self.progress.wall_time_s,
         }
+        previous = int(self.record.evals[-1]["step"]) if self.record.evals else 0
+        row["train_running_loss"] = window_mean(
+            self.record.steps, "batch_loss", after_step=previous
+        )
+        if self.classifier:
+            row["train_running_acc"] = window_mean(
+                self.record.steps, "batch_acc", after_step=previous
+            )
         batch = int(self.cfg.trainer.eval_batch_size)
         for name, targets in self.targets.items():
             split = getattr(self.data, name)
             metrics = evaluate(
-                self.model, split, self.likelihood, targets=targets, batch_size=batch
+                self.model,
+                split,
+                self.likelihood,
+                targets=targets,
+                batch_size=batch,
+                classifier=self.classifier,
             )
             for key, value in metrics.items():
                 row[f"{name}_{key}"] = value
@@ -388,9 +437,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _step(self, x: Tensor, target: Tensor) -> float:
-        """One `suite.step.train_step`; a divergence names the step it happened at."""
+        """One `suite.step.take_step`; keeps the output for the train-mode batch accuracy."""
         try:
-            return train_step(
+            outcome = take_step(
                 self.model,
                 self.optimizer,
                 self.likelihood,
@@ -400,6 +449,19 @@ class Trainer:
             )
         except RunDiverged as err:
             raise RunDiverged(f"{err} at step {self.progress.step + 1}") from None
+        self.last_output = outcome.output
+        return outcome.loss
+
+    def _plateau_loss(self) -> float:
+        """The loss the plateau schedule watches: the test (else val, train) loss of this epoch."""
+        row = self.record.evals[-1]
+        if int(row["step"]) != self.progress.step:  # evaluations are not at epoch ends
+            self._evaluate()
+            row = self.record.evals[-1]
+        for split in ("test", "val", "train"):
+            if f"{split}_loss" in row:
+                return float(row[f"{split}_loss"])
+        raise RuntimeError("no evaluation loss for the plateau schedule")
 
     def _checkpoint(self) -> None:
         save_checkpoint(
@@ -582,6 +644,8 @@ class Trainer:
                         "step_time_s": elapsed,
                         "wall_time_s": p.wall_time_s,
                     }
+                    if self.classifier:
+                        row["batch_acc"] = batch_accuracy(self.likelihood, self.last_output, target)
                     self.record.steps.append(row)
                     if p.step % self._log_every == 0:
                         self.logger.log(row, step=p.step)
@@ -593,11 +657,13 @@ class Trainer:
                     if epoch_done:  # the next batch comes from the next epoch's order
                         p.epoch += 1
                         p.batch_in_epoch = 0
-                        if self.scheduler is not None:
+                        if self.scheduler is not None and not self.plateau:
                             self.scheduler.step()
                     if p.step % eval_every == 0 or p.step == self.total_steps:
                         self._evaluate()
                         self._write(RunStatus.RUNNING)
+                    if epoch_done and self.plateau:  # the authors step on the test loss
+                        self.scheduler.step(self._plateau_loss())
                     if self.stop.signal is not None:
                         return RunStatus.INTERRUPTED
                     if self._checkpoint_due():

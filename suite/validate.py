@@ -115,6 +115,11 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer.lr_milestones", f"got {milestones}; allowed: increasing epochs >= 1"
         )
+    if milestones and cfg.trainer.get("lr_plateau_patience") is not None:
+        raise ConfigError(
+            "trainer.lr_plateau_patience",
+            "cannot combine with trainer.lr_milestones; allowed: one learning-rate schedule",
+        )
     if cfg.trainer.epochs == 0 and cfg.trainer.max_steps is None:
         raise ConfigError("trainer.epochs", "is 0 and trainer.max_steps is null; nothing to train")
     present, cov = _get(cfg, "optimizer.cov_period")

@@ -183,6 +183,10 @@ def test_multiply_inverse_matches_dense_kron(mode: DampingMode) -> None:
         dense = dense_eigen_inverse(block.A, block.G, damping)
         assert block.Q_A is not None and block.d_A is not None
         assert_close((block.Q_A * block.d_A) @ block.Q_A.T, block.A)
+    elif mode is DampingMode.factored_unit:  # Koroko et al.: (A + √λ I) ⊗ (G + √λ I)
+        root = damping**0.5
+        eye_a, eye_g = torch.eye(5, dtype=D), torch.eye(3, dtype=D)
+        dense = torch.linalg.inv(torch.kron(block.A + root * eye_a, block.G + root * eye_g))
     else:
         dense = dense_factored_inverse(block.A, block.G, damping)
     assert_close(block.multiply_inverse(mat), unvec(dense @ vec(mat), (3, 5)))

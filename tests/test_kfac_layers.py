@@ -234,6 +234,8 @@ def test_embedding_inverse_matches_the_dense_kron(mode: DampingMode) -> None:
         dense = dense_eigen_inverse(torch.diag(block.A), block.G, 1e-2)
     else:
         pi = float((block.A.mean() / block.G.diagonal().mean()).sqrt())
+        if mode is DampingMode.factored_unit:
+            pi = 1.0  # Koroko et al.: (A + √λ I) ⊗ (G + √λ I)
         root = 1e-2**0.5
         a_d = torch.diag(block.A + pi * root)
         g_d = block.G + root / pi * torch.eye(3, dtype=D)

@@ -98,9 +98,14 @@ def test_first_step_equals_explicit_kron_preconditioner(mode: DampingMode) -> No
     for record in records:
         module = record.module
         a_hat, g_hat = kfc_factors(homogeneous_rows(record), output_grad_rows(record, scale=4.0))
-        inverse = (dense_eigen_inverse if mode is DampingMode.eigen else dense_factored_inverse)(
-            a_hat, g_hat, damping
-        )
+        if mode is DampingMode.factored_unit:  # (A + √λ I) ⊗ (G + √λ I), π = 1
+            root = damping**0.5
+            eye_a = torch.eye(a_hat.shape[0], dtype=a_hat.dtype)
+            eye_g = torch.eye(g_hat.shape[0], dtype=g_hat.dtype)
+            inverse = torch.linalg.inv(torch.kron(a_hat + root * eye_a, g_hat + root * eye_g))
+        else:
+            dense = dense_eigen_inverse if mode is DampingMode.eigen else dense_factored_inverse
+            inverse = dense(a_hat, g_hat, damping)
         grad = layer_matrix(grads[id(module.weight)], grads[id(module.bias)])
         step = -unvec(inverse @ vec(grad), tuple(grad.shape))
         expected[id(module.weight)] = step[:, :-1].reshape(module.weight.shape)

@@ -1,0 +1,123 @@
+"""Settings that follow the authors' scripts: loss-scale rescaling, the authors' init.
+
+The authors average their losses over output dimensions (BCEWithLogitsLoss() on 784 pixels);
+the suite sums them. With D outputs the mean-reduced loss is L/D, its gradient g/D and its
+Fisher F/D², so K-FAC on the mean loss with (λ, η, κ, wd) takes exactly the steps of K-FAC on
+the summed loss with (λ·D², η·D, κ·D², wd/D) in eigen and factored damping (docs/fidelity.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from core.likelihood import Likelihood
+from models.autoencoder import DeepAutoencoder
+from models.config import Activation, Init
+from optimizers.kfac import KFAC
+from optimizers.twolevel import TwoLevelKFAC
+from suite.store import RunStatus, read_run
+from tests.dense_fisher import protocol_step
+
+D = torch.float64
+OUTPUTS = 12
+
+
+def mean_reduced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the likelihood's loss and MC output gradient the per-output mean (÷ D)."""
+    nll, grad = Likelihood.nll, Likelihood.sampled_nll_grad
+
+    def mean_nll(self: Likelihood, output: Tensor, target: Tensor) -> Tensor:
+        return nll(self, output, target) / output[0].numel()
+
+    def mean_grad(self: Likelihood, output: Tensor, **kwargs: object) -> Tensor:
+        return grad(self, output, **kwargs) / output[0].numel()  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Likelihood, "nll", mean_nll)
+    monkeypatch.setattr(Likelihood, "sampled_nll_grad", mean_grad)
+
+
+def trajectory(cls: type[KFAC], settings: dict[str, object], *, steps: int = 6) -> Tensor:
+    """Parameters after ``steps`` K-FAC steps on a small float64 autoencoder (MC Fisher)."""
+    torch.manual_seed(0)
+    net = DeepAutoencoder([OUTPUTS, 8, 3, 8, OUTPUTS], activation=Activation.tanh).double()
+    opt = cls(net, cov_period=1, inv_period=2, seed=5, **settings)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, OUTPUTS, generator=gen, dtype=D)
+    for _ in range(steps):
+        protocol_step(opt, net, x, x, Likelihood.bernoulli)
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+@pytest.mark.parametrize("cls", [KFAC, TwoLevelKFAC])
+@pytest.mark.parametrize("mode", ["eigen", "factored"])
+def test_mean_loss_equals_rescaled_sum_loss(
+    monkeypatch: pytest.MonkeyPatch, cls: type[KFAC], mode: str
+) -> None:
+    lam, lr, kappa, wd = 1e-3, 0.05, 1e-4, 1e-3  # κ small enough that the KL clip acts
+    summed = trajectory(
+        cls,
+        {"damping": lam * OUTPUTS**2, "lr": lr * OUTPUTS, "kl_clip": kappa * OUTPUTS**2,
+         "weight_decay": wd / OUTPUTS, "damping_mode": mode},
+    )  # fmt: skip
+    plain = trajectory(
+        cls, {"damping": lam, "lr": lr, "kl_clip": kappa, "weight_decay": wd, "damping_mode": mode}
+    )
+    mean_reduced(monkeypatch)
+    mean = trajectory(
+        cls, {"damping": lam, "lr": lr, "kl_clip": kappa, "weight_decay": wd, "damping_mode": mode}
+    )
+    eps = torch.finfo(D).eps  # round-off relative to the largest parameter
+    torch.testing.assert_close(
+        summed, mean, rtol=1e3 * eps, atol=1e3 * eps * float(summed.abs().max())
+    )
+    assert not torch.allclose(plain, mean)  # unscaled settings are a different optimizer
+
+
+def test_xavier_init_uses_the_activation_gain() -> None:
+    torch.manual_seed(0)
+    net = DeepAutoencoder([784, 1000, 500, 30, 784], activation=Activation.tanh, init=Init.xavier)
+    gain = 5.0 / 3.0
+    for layer in (m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+        fan_out, fan_in = layer.weight.shape
+        bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+        assert float(layer.weight.abs().max()) <= bound
+        assert float(layer.weight.abs().max()) > 0.99 * bound  # uniform on [−bound, bound]
+        assert float(layer.weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert not layer.bias.any()
+
+
+def test_plateau_schedule_cuts_the_lr_when_the_test_loss_stalls(
+    run_job: Callable[..., tuple[RunStatus, Path]],
+) -> None:
+    # lr 1e-7, 2 steps an epoch, no BatchNorm (its running statistics move the eval loss): the
+    # test loss cannot improve by torch's relative threshold 1e-4,
+    # so with patience 0 every epoch after the first halves the lr (authors' toy: 0.1 and 10).
+    status, folder = run_job(
+        "model=deep_linear", "model.depth=2", "model.batchnorm=false", "optimizer=sgd",
+        "optimizer.lr=1e-7", "optimizer.momentum=0",
+        "trainer.batch_size=500", "trainer.epochs=4", "data.max_train=1000",
+        "trainer.lr_plateau_patience=0", "trainer.lr_gamma=0.5", "trainer.lr_min=0",
+    )  # fmt: skip
+    assert status is RunStatus.COMPLETED
+    steps = read_run(folder).steps
+    per_epoch = steps.groupby(steps["epoch"].apply(math.ceil))["lr"].first().tolist()
+    assert per_epoch == pytest.approx([1e-7, 1e-7, 5e-8, 2.5e-8], rel=1e-12)
+
+
+def test_plateau_and_milestones_do_not_combine() -> None:
+    from core.errors import ConfigError
+    from suite.preflight import compose_job
+    from suite.validate import validate_config
+
+    cfg = compose_job(
+        ["model=deep_linear", "optimizer=sgd", "trainer.lr_plateau_patience=3",
+         "trainer.lr_milestones=[2]"]
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="lr_plateau_patience"):
+        validate_config(cfg)
