@@ -61,6 +61,20 @@ class CoarseFisher(str, Enum):
     exact = "exact"  # (1/B) Σ_n ⟨r_i, ∇_i ℓ_n⟩⟨r_j, ∇_j ℓ_n⟩ (Koroko et al.)
 
 
+class CoarseDownsample(str, Enum):
+    """How a larger conv map is sampled onto a smaller one in the cross-layer kron blocks."""
+
+    centre = "centre"  # nearest-exact (centre) samples, cross blocks scaled by max(P_i, P_j)
+    nearest = "nearest"  # authors' F.interpolate(mode='nearest'): top-left samples, min(P_i, P_j)²
+
+
+class CoarseRefresh(str, Enum):
+    """How the Nicolaides coarse matrix is refreshed on inverse steps."""
+
+    rebuild = "rebuild"  # F_c from the current running statistics (REFERENCE §3)
+    accumulate = "accumulate"  # authors' paper-time gkfac.py: off-diagonals summed over refreshes
+
+
 class CoarseDamping(str, Enum):
     """Damping D_c added to the coarse matrix."""
 
@@ -339,10 +353,23 @@ def fisher_vector_product(stats: Sequence[LayerStats], mats: Sequence[Tensor]) -
 # ------------------------------------------------------------- coarse Fisher matrices
 
 
-def _grid_indices(src: tuple[int, int], dst: tuple[int, int], device: torch.device) -> Tensor:
-    """Flat indices of the src positions picked by nearest-exact sampling onto the dst grid."""
-    rows = (2 * torch.arange(dst[0], device=device) + 1) * src[0] // (2 * dst[0])
-    cols = (2 * torch.arange(dst[1], device=device) + 1) * src[1] // (2 * dst[1])
+def _grid_indices(
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    device: torch.device,
+    downsample: CoarseDownsample = CoarseDownsample.centre,
+) -> Tensor:
+    """Flat indices of the src positions sampled onto the dst grid.
+
+    ``centre``: nearest-exact, source index ⌊(k + ½)·src/dst⌋; ``nearest``: torch's legacy
+    'nearest' (the authors' F.interpolate default), ⌊k·src/dst⌋, the top-left sample of each cell.
+    """
+    if downsample is CoarseDownsample.nearest:
+        rows = torch.arange(dst[0], device=device) * src[0] // dst[0]
+        cols = torch.arange(dst[1], device=device) * src[1] // dst[1]
+    else:
+        rows = (2 * torch.arange(dst[0], device=device) + 1) * src[0] // (2 * dst[0])
+        cols = (2 * torch.arange(dst[1], device=device) + 1) * src[1] // (2 * dst[1])
     return (rows[:, None] * src[1] + cols[None, :]).reshape(-1)
 
 
@@ -351,15 +378,28 @@ def _common_grid(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
     return min(a[0], b[0]), min(a[1], b[1])
 
 
-def kron_scale(stats: Sequence[LayerStats]) -> Tensor:
-    """Position factor c_ij = max(P_i, P_j) of the cross-layer Kronecker blocks, L × L.
+def kron_scale(
+    stats: Sequence[LayerStats], downsample: CoarseDownsample = CoarseDownsample.centre
+) -> Tensor:
+    """Position factor c_ij of the cross-layer Kronecker blocks, L × L; c_ii = P_i either way.
 
-    With spatially uncorrelated statistics (KFC), Σ_p E[ā_p ā_p^T] ⊗ E[g_p g_p^T] ≈ P · Ā ⊗ Ḡ with
-    position-averaged factors; between maps of different size every position of the larger map
-    pairs with the one of the smaller map it falls into, so the sum has max(P_i, P_j) terms.
+    ``centre``: c_ij = max(P_i, P_j). With spatially uncorrelated statistics (KFC),
+    Σ_p E[ā_p ā_p^T] ⊗ E[g_p g_p^T] ≈ P · Ā ⊗ Ḡ with position-averaged factors; between maps of
+    different size every position of the larger map pairs with the one of the smaller map it
+    falls into, so the sum has max(P_i, P_j) terms.
+
+    ``nearest`` (authors' gkfac.py): their conv rows are ā/P_i and g·P_i (g per example, already
+    ×B), and a cross block is rows_iᵀ rows_j / B over the Q = min(P_i, P_j) common positions, so
+    the Ā_ij and G_ij blocks carry Q/(P_i P_j) and Q·P_i·P_j: c_ij = Q² for i ≠ j (also between
+    two maps of equal size), while their diagonal blocks (the K-FAC factors) carry P_i.
     """
     counts = torch.tensor([float(st.positions) for st in stats], dtype=stats[0].a.dtype)
-    return torch.maximum(counts[:, None], counts[None, :]).to(stats[0].a.device)
+    if downsample is CoarseDownsample.nearest:
+        scale = torch.minimum(counts[:, None], counts[None, :]) ** 2
+        scale.diagonal().copy_(counts)
+    else:
+        scale = torch.maximum(counts[:, None], counts[None, :])
+    return scale.to(stats[0].a.device)
 
 
 def _group_by_grid(stats: Sequence[LayerStats]) -> dict[tuple[int, int], list[int]]:
@@ -370,11 +410,13 @@ def _group_by_grid(stats: Sequence[LayerStats]) -> dict[tuple[int, int], list[in
     return groups
 
 
-def nicolaides_moments(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor]:
+def nicolaides_moments(
+    stats: Sequence[LayerStats], downsample: CoarseDownsample = CoarseDownsample.centre
+) -> tuple[Tensor, Tensor]:
     """Position-averaged second moments of per-example sums, M^a_ij and M^g_ij (L × L each).
 
     M^a_ij = mean_{n,q} s^a_i s^a_j with s^a_i = 1^T ā_i at position q of the common grid (the
-    larger map nearest-exact down-sampled to the smaller one), M^g likewise with s^g = 1^T g.
+    larger map down-sampled to the smaller one by ``downsample``), M^g likewise with s^g = 1^T g.
     The kron Nicolaides coarse Fisher is kron_scale ⊙ M^a ⊙ M^g. Cost O(L·B·P·d) + O(L²·B·P).
     """
     sums_a = [st.a.sum(dim=2) for st in stats]
@@ -387,8 +429,8 @@ def nicolaides_moments(stats: Sequence[LayerStats]) -> tuple[Tensor, Tensor]:
     for gi, (grid_i, layers_i) in enumerate(groups):
         for grid_j, layers_j in groups[gi:]:
             common = _common_grid(grid_i, grid_j)
-            idx_i = _grid_indices(grid_i, common, ref.device)
-            idx_j = _grid_indices(grid_j, common, ref.device)
+            idx_i = _grid_indices(grid_i, common, ref.device, downsample)
+            idx_j = _grid_indices(grid_j, common, ref.device, downsample)
             rows, cols = torch.tensor(layers_i), torch.tensor(layers_j)
             for sums, moment in ((sums_a, moment_a), (sums_g, moment_g)):
                 left = torch.stack([sums[i][:, idx_i] for i in layers_i], dim=2).flatten(0, 1)
@@ -414,15 +456,21 @@ def kron_nicolaides_fisher(
     return scale.to(moment_a) * moment_a * moment_g * torch.outer(scales, scales)
 
 
-def _pair_rows(st: LayerStats, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+def _pair_rows(
+    st: LayerStats, grid: tuple[int, int], downsample: CoarseDownsample
+) -> tuple[Tensor, Tensor]:
     """A layer's (ā, g) rows on a grid: (B·Q, d_in') and (B·Q, d_out)."""
     if grid == st.grid:
         return st.a.flatten(0, 1), st.g.flatten(0, 1)
-    idx = _grid_indices(st.grid, grid, st.a.device)
+    idx = _grid_indices(st.grid, grid, st.a.device, downsample)
     return st.a[:, idx].flatten(0, 1), st.g[:, idx].flatten(0, 1)
 
 
-def kron_coarse_fisher(stats: Sequence[LayerStats], bases: Sequence[LayerBasis]) -> Tensor:
+def kron_coarse_fisher(
+    stats: Sequence[LayerStats],
+    bases: Sequence[LayerBasis],
+    downsample: CoarseDownsample = CoarseDownsample.centre,
+) -> Tensor:
     """kron coarse Fisher (F_c)_{(i,k),(j,l)} = c_ij ⟨R_ik, G_ij R_jl Ā_ij^T⟩, m × m.
 
     F_ij ≈ Ā_ij ⊗ G_ij with Ā_ij = mean_{n,q} ā_i ā_j^T, G_ij = mean_{n,q} g_i g_j^T over the common
@@ -432,24 +480,24 @@ def kron_coarse_fisher(stats: Sequence[LayerStats], bases: Sequence[LayerBasis])
     """
     ref = stats[0].a
     if all(b.vectors is None and b.ones_scale is not None for b in bases):
-        moment_a, moment_g = nicolaides_moments(stats)
+        moment_a, moment_g = nicolaides_moments(stats, downsample)
         return kron_nicolaides_fisher(
-            moment_a, moment_g, kron_scale(stats), ones_scales(bases, dtype=ref.dtype)
+            moment_a, moment_g, kron_scale(stats, downsample), ones_scales(bases, dtype=ref.dtype)
         )
     dense = [b.dense(dtype=ref.dtype, device=ref.device) for b in bases]
     offsets = [0]
     for basis in bases:
         offsets.append(offsets[-1] + basis.size)
     out = torch.zeros(offsets[-1], offsets[-1], dtype=ref.dtype, device=ref.device)
-    scale = kron_scale(stats)
+    scale = kron_scale(stats, downsample)
     for i, st_i in enumerate(stats):
         for j in range(i, len(stats)):
             st_j = stats[j]
             if dense[i].shape[0] == 0 or dense[j].shape[0] == 0:
                 continue
             grid = _common_grid(st_i.grid, st_j.grid)
-            a_i, g_i = _pair_rows(st_i, grid)
-            a_j, g_j = _pair_rows(st_j, grid)
+            a_i, g_i = _pair_rows(st_i, grid, downsample)
+            a_j, g_j = _pair_rows(st_j, grid, downsample)
             rows = a_i.shape[0]
             cross_a = a_i.T @ a_j / rows  # Ā_ij, d_in_i × d_in_j
             u_i = torch.einsum("no,koi->kni", g_i, dense[i])  # g_i^T R_ik per row
@@ -460,17 +508,34 @@ def kron_coarse_fisher(stats: Sequence[LayerStats], bases: Sequence[LayerBasis])
     return out
 
 
+def accumulate_coarse(total_offdiag: Tensor | None, fresh: Tensor) -> tuple[Tensor, Tensor]:
+    """The authors' paper-time in-place refresh of the coarse matrix; returns (used F_c, sum).
+
+    Their gkfac.py allocates F_c once, then on each refresh writes the lower triangle, sets
+    F ← F + Fᵀ and rewrites the diagonal. The upper triangle still holds the previous (summed)
+    off-diagonals, so after k refreshes every off-diagonal entry is the sum of the k fresh
+    values while the diagonal is the current one. ``total_offdiag`` is that running sum
+    (zero diagonal; None before the first refresh).
+    """
+    off = fresh - torch.diag_embed(fresh.diagonal())
+    total = off if total_offdiag is None else total_offdiag + off
+    return total + torch.diag_embed(fresh.diagonal()), total
+
+
 def exact_coarse_fisher(projections: Tensor) -> Tensor:
     """Exact mini-batch coarse Fisher (1/B) Σ_n p_n p_n^T from per-example projections (B, m)."""
     return projections.T @ projections / projections.shape[0]
 
 
 def coarse_fisher(
-    kind: CoarseFisher, stats: Sequence[LayerStats], bases: Sequence[LayerBasis]
+    kind: CoarseFisher,
+    stats: Sequence[LayerStats],
+    bases: Sequence[LayerBasis],
+    downsample: CoarseDownsample = CoarseDownsample.centre,
 ) -> Tensor:
-    """The coarse Fisher of one statistics batch for the given bases."""
+    """The coarse Fisher of one statistics batch for the given bases (``downsample``: kron only)."""
     if kind is CoarseFisher.kron:
-        return kron_coarse_fisher(stats, bases)
+        return kron_coarse_fisher(stats, bases, downsample)
     return exact_coarse_fisher(per_example_projections(stats, bases))
 
 

@@ -49,11 +49,14 @@ from torch import Tensor, nn
 from optimizers.coarse import (
     BasisNorm,
     CoarseDamping,
+    CoarseDownsample,
     CoarseFisher,
+    CoarseRefresh,
     CoarseSolver,
     CoarseSpace,
     LayerBasis,
     LayerStats,
+    accumulate_coarse,
     coarse_damping,
     coarse_fisher,
     dense_basis,
@@ -112,6 +115,8 @@ class TwoLevelKFACConfig(KFACConfig):
     combination: Combination = Combination.additive  # paper: additive; 2022: deflated, balanced
     omega1: float = 1.0  # weight of the fine level (paper: 1); 0 leaves only the coarse step
     omega2: float = 1.0  # weight of the coarse level (paper: 1); 0 gives K-FAC exactly
+    coarse_refresh: CoarseRefresh = CoarseRefresh.rebuild  # authors' paper-time code: accumulate
+    coarse_downsample: CoarseDownsample = CoarseDownsample.centre  # authors' code: nearest
 
 
 def resolve_nbasis(space: CoarseSpace, nbasis: int | None) -> int:
@@ -152,6 +157,8 @@ class TwoLevelKFAC(KFAC):
         combination: Combination | str = Combination.additive,
         omega1: float = 1.0,
         omega2: float = 1.0,
+        coarse_refresh: CoarseRefresh | str = CoarseRefresh.rebuild,
+        coarse_downsample: CoarseDownsample | str = CoarseDownsample.centre,
         **kfac: Any,
     ) -> None:
         self.coarse_space = parse_enum(CoarseSpace, coarse_space, setting="coarse_space")
@@ -166,11 +173,27 @@ class TwoLevelKFAC(KFAC):
             raise ValueError(f"omega2: got {omega2!r}; allowed: a finite number >= 0")
         self.omega1 = float(omega1)
         self.omega2 = float(omega2)
+        self.coarse_refresh = parse_enum(CoarseRefresh, coarse_refresh, setting="coarse_refresh")
+        self.coarse_downsample = parse_enum(
+            CoarseDownsample, coarse_downsample, setting="coarse_downsample"
+        )
+        if (
+            self.coarse_refresh is CoarseRefresh.accumulate
+            and self.coarse_space is not CoarseSpace.nicolaides
+        ):
+            raise ValueError(
+                f"coarse_refresh: accumulate needs coarse_space=nicolaides (a fixed basis); "
+                f"got {self.coarse_space.value}; allowed: rebuild"
+            )
         super().__init__(model, **kfac)
         # running coarse statistics (Nicolaides only) and the built operator
         self._moments: tuple[Tensor, Tensor] | None = None
         self._exact_fisher: Tensor | None = None
         self.coarse_updates = 0
+        # coarse_refresh=accumulate: summed off-diagonals, latest F_c, refresh due at next build
+        self._accumulated: Tensor | None = None
+        self._accumulated_fisher: Tensor | None = None
+        self._refresh_due = True
         self._operator: _Operator | None = None
         self._stale = True
         self._eig_cache: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
@@ -189,7 +212,8 @@ class TwoLevelKFAC(KFAC):
             f"{super().describe()}; two-level: {self.coarse_space.value} ×{self.nbasis}, "
             f"norm={self.basis_norm.value}, F_c={self.coarse_fisher.value}, "
             f"D_c={self.coarse_damping.value}, {self.combination.value}, "
-            f"ω1={self.omega1:g}, ω2={self.omega2:g}"
+            f"ω1={self.omega1:g}, ω2={self.omega2:g}, refresh={self.coarse_refresh.value}, "
+            f"downsample={self.coarse_downsample.value}"
         )
 
     # ------------------------------------------------------------------ curvature stages
@@ -209,7 +233,7 @@ class TwoLevelKFAC(KFAC):
             return
         decay = ema_decay(self.coarse_updates, self.ema_max)
         if self.coarse_fisher is CoarseFisher.kron:
-            batch = nicolaides_moments(stats)
+            batch = nicolaides_moments(stats, self.coarse_downsample)
             if not all(bool(torch.isfinite(m).all()) for m in batch):
                 return
             if self._moments is None:
@@ -233,6 +257,7 @@ class TwoLevelKFAC(KFAC):
         """K-FAC's inverses; the coarse operator is rebuilt at the next step."""
         super().update_inverses()
         self._stale = True
+        self._refresh_due = True
         self._eig_cache = None
 
     def refresh_damping(self) -> None:
@@ -319,13 +344,23 @@ class TwoLevelKFAC(KFAC):
     def _fisher_for(self, bases: list[LayerBasis], stats: list[LayerStats]) -> Tensor | None:
         """F_c: running averages for Nicolaides, else from the latest statistics batch."""
         if self.coarse_space is not CoarseSpace.nicolaides:
-            return coarse_fisher(self.coarse_fisher, stats, bases)
+            return coarse_fisher(self.coarse_fisher, stats, bases, self.coarse_downsample)
+        if self.coarse_refresh is CoarseRefresh.accumulate and not self._refresh_due:
+            return self._accumulated_fisher  # λ changed only: the same F_c, re-damped
         if self.coarse_fisher is CoarseFisher.exact:
-            return self._exact_fisher
-        if self._moments is None:
-            return None
-        scales = ones_scales(bases, dtype=self._moments[0].dtype)
-        return kron_nicolaides_fisher(*self._moments, kron_scale(stats), scales)
+            fresh = self._exact_fisher
+        elif self._moments is None:
+            fresh = None
+        else:
+            scales = ones_scales(bases, dtype=self._moments[0].dtype)
+            scale = kron_scale(stats, self.coarse_downsample)
+            fresh = kron_nicolaides_fisher(*self._moments, scale, scales)
+        if fresh is None or self.coarse_refresh is CoarseRefresh.rebuild:
+            return fresh
+        used, self._accumulated = accumulate_coarse(self._accumulated, fresh)
+        self._accumulated_fisher = used
+        self._refresh_due = False
+        return used
 
     def _build_operator(
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
@@ -433,6 +468,9 @@ class TwoLevelKFAC(KFAC):
             "stale": self._stale,
             "operator": operator,
             "nondescent": self._nondescent,
+            "accumulated": self._accumulated,
+            "accumulated_fisher": self._accumulated_fisher,
+            "refresh_due": self._refresh_due,
         }
         return state
 
@@ -454,6 +492,9 @@ class TwoLevelKFAC(KFAC):
         self.coarse_updates = int(coarse["updates"])
         self._stale = bool(coarse["stale"])
         self._nondescent = move(coarse.get("nondescent"))
+        self._accumulated = move(coarse.get("accumulated"))
+        self._accumulated_fisher = move(coarse.get("accumulated_fisher"))
+        self._refresh_due = bool(coarse.get("refresh_due", True))
         op = coarse["operator"]
         self._operator = None
         if op is not None:
@@ -563,5 +604,9 @@ def build_kfac2(model: nn.Module, cfg: TwoLevelKFACConfig) -> TwoLevelKFAC:
         combination=parse_enum(Combination, cfg.combination, setting="combination"),
         omega1=float(cfg.omega1),
         omega2=float(cfg.omega2),
+        coarse_refresh=parse_enum(CoarseRefresh, cfg.coarse_refresh, setting="coarse_refresh"),
+        coarse_downsample=parse_enum(
+            CoarseDownsample, cfg.coarse_downsample, setting="coarse_downsample"
+        ),
         **kwargs,
     )

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from optimizers.coarse import (
     BasisNorm,
     CoarseDamping,
+    CoarseDownsample,
     CoarseFisher,
     LayerBasis,
     LayerStats,
+    accumulate_coarse,
     aligned_eigenpairs,
     coarse_damping,
     coarse_fisher,
@@ -63,6 +66,13 @@ def random_bases(stats: list[LayerStats], *, seed: int, ones: bool) -> list[Laye
     return bases
 
 
+def bases_of_kind(stats: list[LayerStats], kind: str, *, seed: int) -> list[LayerBasis]:
+    """All-ones ("nicolaides"), random dense ("dense") or all-ones plus dense ("mixed") bases."""
+    if kind == "nicolaides":
+        return [nicolaides_basis(st.shape) for st in stats]
+    return random_bases(stats, seed=seed, ones=kind == "mixed")
+
+
 def test_stats_reproduce_autograd_per_example_gradients(setup: tuple) -> None:
     stats, jac = setup
     mine = torch.cat([torch.einsum("bpo,bpi->boi", st.g, st.a).flatten(1) for st in stats], dim=1)
@@ -94,10 +104,7 @@ def test_restrict_prolong_projections_match_dense_r0(setup: tuple, ones: bool) -
 @pytest.mark.parametrize("kind", ["nicolaides", "dense", "mixed"])
 def test_exact_coarse_fisher_is_projected_fisher(setup: tuple, kind: str) -> None:
     stats, jac = setup
-    if kind == "nicolaides":
-        bases = [nicolaides_basis(st.shape) for st in stats]
-    else:
-        bases = random_bases(stats, seed=6, ones=kind == "mixed")
+    bases = bases_of_kind(stats, kind, seed=6)
     r0 = dense_restriction(bases)
     fisher = jac.T @ jac / jac.shape[0]
     torch.testing.assert_close(coarse_fisher(CoarseFisher.exact, stats, bases), r0 @ fisher @ r0.T)
@@ -109,6 +116,105 @@ def test_grid_downsampling_is_nearest_exact() -> None:
     for src, dst in [((3, 3), (2, 2)), ((7, 5), (3, 2)), ((4, 4), (1, 1)), ((2, 3), (2, 3))]:
         mine = _grid_indices(src, dst, torch.device("cpu"))
         torch.testing.assert_close(mine, grid_index_reference(src, dst))
+
+
+def test_grid_downsampling_nearest_is_torch_nearest() -> None:
+    from optimizers.coarse import _grid_indices
+
+    sizes = [(s, d) for s in range(1, 17) for d in range(1, s + 1)]
+    for (src, dst), other in zip(sizes, reversed(sizes), strict=True):
+        shape_src, shape_dst = (src, other[0]), (dst, other[1])
+        index = torch.arange(src * other[0], dtype=torch.float64).reshape(1, 1, *shape_src)
+        expected = F.interpolate(index, size=shape_dst, mode="nearest").reshape(-1).long()
+        mine = _grid_indices(shape_src, shape_dst, torch.device("cpu"), CoarseDownsample.nearest)
+        torch.testing.assert_close(mine, expected)
+
+
+def authors_rows(st: LayerStats) -> tuple[Tensor, Tensor]:
+    """The rows (B, h, w, d) the authors' kfac_utils hooks keep: ā / P and g · P (g already ×B)."""
+    shape = (st.a.shape[0], *st.grid)
+    return (st.a / st.positions).reshape(*shape, -1), (st.g * st.positions).reshape(*shape, -1)
+
+
+def authors_cross(left: Tensor, right: Tensor) -> Tensor:
+    """Their cross block: the larger map interpolated (nearest) to the smaller; rowsᵀ rows / B."""
+    batch = left.shape[0]
+
+    def down(rows: Tensor, size: tuple[int, int]) -> Tensor:
+        if rows.shape[1:3] == size:
+            return rows.reshape(-1, rows.shape[-1])
+        maps = F.interpolate(rows.permute(0, 3, 1, 2), size=size, mode="nearest")
+        return maps.permute(0, 2, 3, 1).reshape(-1, rows.shape[-1])
+
+    size = (min(left.shape[1], right.shape[1]), min(left.shape[2], right.shape[2]))
+    return down(left, size).T @ down(right, size) / batch
+
+
+def authors_kron_fisher(stats: list[LayerStats]) -> Tensor:
+    """Full cross-layer Fisher G_ij ⊗ A_ij (row-major vec) with the authors' gkfac.py blocks.
+
+    Diagonal blocks are their K-FAC factors A = rowsᵀ rows / B, G = rowsᵀ rows / (B·P); cross
+    blocks come from `authors_cross` (independent of the suite's kron_scale and grid indices).
+    """
+    rows = [authors_rows(st) for st in stats]
+    out = []
+    for i, (a_i, g_i) in enumerate(rows):
+        line = []
+        for j, (a_j, g_j) in enumerate(rows):
+            cross_a, cross_g = authors_cross(a_i, a_j), authors_cross(g_i, g_j)
+            if i == j:
+                cross_g = cross_g / stats[i].positions
+            line.append(torch.kron(cross_g, cross_a))
+        out.append(torch.cat(line, dim=1))
+    return torch.cat(out, dim=0)
+
+
+@pytest.mark.parametrize("kind", ["nicolaides", "dense", "mixed"])
+def test_kron_nearest_equals_authors_blocks(setup: tuple, kind: str) -> None:
+    stats, _ = setup
+    bases = bases_of_kind(stats, kind, seed=8)
+    r0 = dense_restriction(bases)
+    expected = r0 @ authors_kron_fisher(stats) @ r0.T
+    mine = coarse_fisher(CoarseFisher.kron, stats, bases, CoarseDownsample.nearest)
+    torch.testing.assert_close(mine, expected)
+    if kind == "nicolaides":  # the O(L·B) route through the moments agrees
+        moments = nicolaides_moments(stats, CoarseDownsample.nearest)
+        scale = kron_scale(stats, CoarseDownsample.nearest)
+        ones = torch.ones(len(stats), dtype=torch.float64)
+        torch.testing.assert_close(kron_nicolaides_fisher(*moments, scale, ones), expected)
+        centre = coarse_fisher(CoarseFisher.kron, stats, bases)
+        assert not torch.allclose(centre, expected)  # the two settings differ on this network
+        torch.testing.assert_close(centre.diagonal(), expected.diagonal())  # K-FAC's blocks
+
+
+def authors_in_place_refreshes(fresh: list[Tensor]) -> list[Tensor]:
+    """Replays gkfac.py@74b6c7d `_update_coarse_fisher_inv` (before damping) on fresh F_c's."""
+    size = fresh[0].shape[0]
+    mat = torch.zeros(size, size, dtype=fresh[0].dtype)
+    used = []
+    for new in fresh:
+        for i in range(size):
+            for j in range(i):
+                mat[i, j] = new[i, j]  # lower triangle rewritten
+        mat = mat + mat.T  # upper triangle still holds the previous sum
+        for i in range(size):
+            mat[i, i] = new[i, i]  # diagonal rewritten
+        used.append(mat.clone())
+    return used
+
+
+def test_accumulate_coarse_replays_the_authors_in_place_update() -> None:
+    gen = torch.Generator().manual_seed(9)
+    fresh = []
+    for _ in range(4):
+        half = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+        fresh.append(half @ half.T)
+    total = None
+    for k, expected in enumerate(authors_in_place_refreshes(fresh)):
+        used, total = accumulate_coarse(total, fresh[k])
+        torch.testing.assert_close(used, expected)
+        offdiag = sum(f - torch.diag_embed(f.diagonal()) for f in fresh[: k + 1])
+        torch.testing.assert_close(used, offdiag + torch.diag_embed(fresh[k].diagonal()))
 
 
 def test_kron_nicolaides_from_sums_equals_explicit_blocks(setup: tuple) -> None:

@@ -18,7 +18,14 @@ from torch import Tensor
 from torch.testing import assert_close
 
 from core.likelihood import Likelihood
-from optimizers.coarse import BasisNorm, CoarseDamping, CoarseFisher, CoarseSpace
+from optimizers.coarse import (
+    BasisNorm,
+    CoarseDamping,
+    CoarseDownsample,
+    CoarseFisher,
+    CoarseRefresh,
+    CoarseSpace,
+)
 from optimizers.kfac import KFAC
 from optimizers.twolevel import (
     Combination,
@@ -322,6 +329,52 @@ def test_nicolaides_running_averages_and_rebuild_only_on_inverse_steps() -> None
     assert not torch.allclose(opt._operator.fisher, first)
 
 
+@pytest.mark.parametrize("fisher", [CoarseFisher.kron, CoarseFisher.exact])
+def test_accumulate_sums_off_diagonals_over_k_refreshes(fisher: CoarseFisher) -> None:
+    """k inverse refreshes: F_c used = Σ_r offdiag(F_r) + diag(F_k), F_r the rebuild operator's."""
+    batches = [make_batch(BATCH, seed=s) for s in (1, 2, 3, 4)]
+    settings = {"lr": 0.0, "momentum": 0.0, "fisher": "empirical", "damping": LAMBDA}
+    settings.update(cov_period=1, inv_period=1, coarse_fisher=fisher)
+    net = make_net()
+    rebuild = TwoLevelKFAC(net, **settings)  # type: ignore[arg-type]
+    accumulate = TwoLevelKFAC(net, coarse_refresh="accumulate", **settings)  # type: ignore[arg-type]
+    fresh = []
+    for k, (x, y) in enumerate(batches):
+        protocol_step(rebuild, net, x, y)
+        protocol_step(accumulate, net, x, y)
+        assert rebuild._operator is not None and accumulate._operator is not None
+        fresh.append(rebuild._operator.fisher.clone())  # exact: the running average itself
+        off = sum(f - torch.diag_embed(f.diagonal()) for f in fresh)
+        expected = off + torch.diag_embed(fresh[-1].diagonal())
+        assert_close(accumulate._operator.fisher, expected)
+        damped = psd(expected) + LAMBDA * torch.eye(expected.shape[0], dtype=D)
+        assert_close(accumulate._operator.solver.matrix(), damped)
+        if k > 0:  # the setting changes the matrix
+            assert not torch.allclose(accumulate._operator.fisher, fresh[-1])
+    accumulate.param_groups[0]["damping"] = 2 * LAMBDA  # λ changes, no inverse step: not summed
+    accumulate.refresh_damping()
+    accumulate.coarse_operator([], [], accumulate.layer_stats())  # type: ignore[arg-type]
+    assert_close(accumulate._operator.fisher, expected)
+    redamped = psd(expected) + 2 * LAMBDA * torch.eye(expected.shape[0], dtype=D)
+    assert_close(accumulate._operator.solver.matrix(), redamped)
+
+
+def test_accumulate_needs_the_fixed_nicolaides_basis() -> None:
+    with pytest.raises(ValueError, match=r"^coarse_refresh: accumulate needs coarse_space"):
+        TwoLevelKFAC(make_net(), coarse_space="spectral", coarse_refresh="accumulate")
+
+
+def test_authors_preset_accumulates_and_samples_top_left() -> None:
+    cfg = load_preset(ROOT / "conf" / "optimizer" / "kfac2_authors.yaml")
+    assert cfg.coarse_refresh is CoarseRefresh.accumulate
+    assert cfg.coarse_downsample is CoarseDownsample.nearest
+    paper = load_preset(ROOT / "conf" / "optimizer" / "kfac2.yaml")
+    assert paper.coarse_refresh is CoarseRefresh.rebuild
+    assert paper.coarse_downsample is CoarseDownsample.centre
+    opt = build_kfac2(make_net(), OmegaConf.structured(cfg))
+    assert "refresh=accumulate, downsample=nearest" in opt.describe()
+
+
 def test_diagnostics_match_dense_natural_gradient() -> None:
     opt, net, x, y = prepared(coarse_fisher=CoarseFisher.exact, omega1=1.0, omega2=1.0)
     current_update(opt)
@@ -344,10 +397,20 @@ def test_diagnostics_match_dense_natural_gradient() -> None:
 # ------------------------------------------------------------------------- state and config
 
 
-@pytest.mark.parametrize("space", [CoarseSpace.nicolaides, CoarseSpace.spectral])
-def test_state_dict_round_trip_continues_bitwise(space: CoarseSpace) -> None:
+@pytest.mark.parametrize(
+    ("space", "refresh"),
+    [
+        (CoarseSpace.nicolaides, CoarseRefresh.rebuild),
+        (CoarseSpace.nicolaides, CoarseRefresh.accumulate),
+        (CoarseSpace.spectral, CoarseRefresh.rebuild),
+    ],
+)
+def test_state_dict_round_trip_continues_bitwise(
+    space: CoarseSpace, refresh: CoarseRefresh
+) -> None:
     batches = [make_batch(6, seed=s) for s in range(6)]
     settings = {"lr": 0.05, "cov_period": 1, "inv_period": 2, "seed": 3, "coarse_space": space}
+    settings["coarse_refresh"] = refresh
     net = make_net().train()
     opt = TwoLevelKFAC(net, **settings)  # type: ignore[arg-type]
     for x, y in batches[:3]:
@@ -457,7 +520,8 @@ def test_presets_compose_document_and_build(path: Path) -> None:
     [
         ("coarse_space", "coarse"), ("basis_norm", "l1"), ("coarse_fisher", "full"),
         ("coarse_damping", "none"), ("combination", "multiplicative"), ("omega1", -1.0),
-        ("omega2", -1.0), ("nbasis", 0),
+        ("omega2", -1.0), ("nbasis", 0), ("coarse_refresh", "sum"),
+        ("coarse_downsample", "bilinear"),
     ],
 )  # fmt: skip
 def test_bad_settings_fail_with_a_message_naming_them(setting: str, value: object) -> None:
