@@ -11,7 +11,7 @@ RESULTS ?= results/reference
 FIGURES ?= figures
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-data run test lint format figures bench bench-ttt reproduce-small slurm-test clean
+.PHONY: help install system-data run test lint format figures report bench bench-ttt reproduce-small slurm-test clean
 
 help: ## List the targets and what they do
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -53,6 +53,9 @@ format: install ## Apply ruff's fixes and formatting
 
 figures: install ## Plots, tables and the reproduction report from $(RESULTS) into $(FIGURES)
 	$(PY) -m analyze --results $(RESULTS) --out $(FIGURES)
+
+report: install ## The study's reproduction report (docs/report.md) and README/docs/study.md results, from $(RESULTS)
+	$(PY) -m analyze.reproduction --results $(RESULTS)
 
 bench: install ## Step-cost ratios, per-stage K-FAC timings, memory (JSON + Markdown in bench/out)
 	$(PY) -m bench --out bench/out

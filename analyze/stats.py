@@ -290,9 +290,9 @@ def performance_profile(times: pd.DataFrame, *, r_max: float = R_MAX, points: in
 # paired by seed, d = A - B; exact two-sided sign-flip permutation p of the mean difference;
 # Holm's step-down correction across every comparison reported together; exact sign-flip TOST
 # with margin ±m, m = EQUIVALENCE_MARGIN_REL × mean(B) (B is the reference of the comparison),
-# its p also Holm-corrected over the same family. Verdict: `better`/`worse` when the adjusted
-# difference p < ALPHA (by the sign of the mean difference); else `equivalent within ±m` when
-# the adjusted TOST p < ALPHA; else `inconclusive`.
+# its p also Holm-corrected over the same family. Verdict: `equivalent within ±m` when the
+# adjusted TOST p < ALPHA; else `better`/`worse` when the adjusted difference p < ALPHA (by the
+# sign of the mean difference); else `inconclusive`.
 EQUIVALENCE_MARGIN_REL = 0.01
 MAX_EXACT_PAIRS = 20  # 2^20 sign patterns; beyond this the exact test is refused
 
@@ -485,11 +485,15 @@ def fmt_number(value: float) -> str:
 def verdict_of(
     mean_diff: float, p_diff_holm: float, p_tost_holm: float, *, alpha: float = ALPHA
 ) -> StudyVerdict:
-    """The decision rule (lower is better): difference first, then equivalence."""
-    if math.isfinite(p_diff_holm) and p_diff_holm < alpha and mean_diff != 0:
-        return StudyVerdict.BETTER if mean_diff < 0 else StudyVerdict.WORSE
+    """The decision rule (lower is better): equivalence first, then a difference.
+
+    A difference shown to lie inside ±m is called equivalent even when its sign is also
+    significant: the margin is, by its definition, the smallest difference that matters.
+    """
     if math.isfinite(p_tost_holm) and p_tost_holm < alpha:
         return StudyVerdict.EQUIVALENT
+    if math.isfinite(p_diff_holm) and p_diff_holm < alpha and mean_diff != 0:
+        return StudyVerdict.BETTER if mean_diff < 0 else StudyVerdict.WORSE
     return StudyVerdict.INCONCLUSIVE
 
 

@@ -244,10 +244,11 @@ def load_study(roots: Sequence[Path]) -> list[StudyRun]:
             run = read_study_run(path)
             if run is not None:
                 runs.append(run)
-    return sorted(runs, key=lambda r: (r.study, _arm_rank(r.arm), r.stage, r.seed, r.run_id))
+    return sorted(runs, key=lambda r: (r.study, arm_rank(r.arm), r.stage, r.seed, r.run_id))
 
 
-def _arm_rank(arm: str) -> tuple[int, str]:
+def arm_rank(arm: str) -> tuple[int, str]:
+    """Sort key of an arm: the report's order, unknown arms last by name."""
     return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
 
 
@@ -273,7 +274,7 @@ def tuning_outcome(runs: Sequence[StudyRun], arm: str) -> TuningOutcome | None:
     done = [r for r in done if math.isfinite(r.final_val_loss)]
     best = min(done, key=lambda r: (r.final_val_loss, r.run_id)) if done else None
     grid = trials[0].grid
-    edges = ()
+    edges: tuple[str, ...] = ()
     if best is not None:
         edges = tuple(
             k
@@ -315,7 +316,7 @@ class ArmOutcome:
 def arm_outcomes(runs: Sequence[StudyRun], study: str) -> dict[str, ArmOutcome]:
     """Final-stage runs of a study, per arm, in the report's arm order."""
     finals = [r for r in runs if r.study == study and r.stage == FINAL_STAGE]
-    arms = sorted({r.arm for r in finals}, key=_arm_rank)
+    arms = sorted({r.arm for r in finals}, key=arm_rank)
     return {a: ArmOutcome(a, tuple(r for r in finals if r.arm == a)) for a in arms}
 
 

@@ -110,6 +110,8 @@ def test_verdicts_follow_the_stated_rule() -> None:
     assert verdict_of(0.001, 0.6, 0.01) is StudyVerdict.EQUIVALENT
     assert verdict_of(-1.0, 0.06, 0.2) is StudyVerdict.INCONCLUSIVE
     assert verdict_of(0.0, 0.0, 0.9) is StudyVerdict.INCONCLUSIVE
+    # a consistent difference inside the margin is equivalent, not better
+    assert verdict_of(-0.001, 0.01, 0.01) is StudyVerdict.EQUIVALENT
 
 
 def test_holm_turns_a_lone_raw_significance_into_inconclusive() -> None:
@@ -117,9 +119,7 @@ def test_holm_turns_a_lone_raw_significance_into_inconclusive() -> None:
     # family Holm doubles it to 0.0625 and the verdict is no longer `better`.
     seeds = range(6)
     better = compare_paired("x", "a", "b", {s: 1.0 for s in seeds}, {s: 2.0 + s for s in seeds})
-    noise = compare_paired(
-        "y", "c", "d", {s: float(s % 2) for s in seeds}, {s: 0.5 for s in seeds}
-    )
+    noise = compare_paired("y", "c", "d", {s: float(s % 2) for s in seeds}, {s: 0.5 for s in seeds})
     alone = judge([better])[0]
     assert alone.verdict is StudyVerdict.BETTER
     family = judge([better, noise])
