@@ -12,7 +12,8 @@ Conventions (also stated in the report):
 - Confidence intervals of times and speed-ups: percentile bootstrap over seeds (2,000
   resamples, seeds resampled independently per optimizer, the target recomputed from each
   resample of the baseline), so the CI carries the target's own uncertainty.
-- Two-level minus K-FAC: paired by seed, two-sided paired t-test (scipy.stats.ttest_rel).
+- Paired comparisons (two-level vs K-FAC, the study's comparisons): paired by seed, exact
+  sign-flip p, Holm over the comparisons reported together, sign-flip TOST; see below.
 """
 
 from __future__ import annotations
@@ -165,95 +166,6 @@ def times_to_target(
             n_seeds=len(group.seeds),
         )
     return point_target, results
-
-
-class Verdict(str, Enum):
-    """Outcome of the paired two-level vs K-FAC comparison (lower loss is better)."""
-
-    TWO_LEVEL_BETTER = "two-level better"
-    KFAC_BETTER = "K-FAC better"
-    NO_DIFFERENCE = "no significant difference"
-    TOO_FEW = "too few paired seeds"
-
-
-@dataclass(frozen=True)
-class PairedResult:
-    """Two-level minus K-FAC over seeds both completed, with a paired t-test."""
-
-    n: int
-    seeds: tuple[int, ...]
-    two_level_mean: float
-    kfac_mean: float
-    mean_diff: float
-    std_diff: float
-    ci_low: float
-    ci_high: float
-    t_stat: float
-    p_value: float
-    verdict: Verdict
-
-    @property
-    def relative_diff(self) -> float:
-        """Mean difference as a fraction of K-FAC's mean."""
-        return self.mean_diff / self.kfac_mean if self.kfac_mean else math.nan
-
-
-def paired_difference(
-    two_level: Mapping[int, float], kfac: Mapping[int, float], *, alpha: float = ALPHA
-) -> PairedResult:
-    """Pair by seed (finite values in both), test the mean difference against zero."""
-    seeds = tuple(
-        sorted(
-            s
-            for s in set(two_level) & set(kfac)
-            if math.isfinite(two_level[s]) and math.isfinite(kfac[s])
-        )
-    )
-    a = np.array([two_level[s] for s in seeds], dtype=float)
-    b = np.array([kfac[s] for s in seeds], dtype=float)
-    n = len(seeds)
-    if n < 2:
-        nan = math.nan
-        diff = float(a[0] - b[0]) if n == 1 else nan
-        return PairedResult(
-            n,
-            seeds,
-            float(a.mean()) if n else nan,
-            float(b.mean()) if n else nan,
-            diff,
-            nan,
-            nan,
-            nan,
-            nan,
-            nan,
-            Verdict.TOO_FEW,
-        )
-    d = a - b
-    std = float(d.std(ddof=1))
-    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * std / math.sqrt(n))
-    if std == 0.0:
-        t_stat, p_value = math.nan, math.nan
-    else:
-        test = stats.ttest_rel(a, b)
-        t_stat, p_value = float(test.statistic), float(test.pvalue)
-    if math.isfinite(p_value) and p_value < alpha:
-        verdict = Verdict.TWO_LEVEL_BETTER if d.mean() < 0 else Verdict.KFAC_BETTER
-    else:
-        verdict = Verdict.NO_DIFFERENCE
-    mean_diff = float(d.mean())
-    return PairedResult(
-        n,
-        seeds,
-        float(a.mean()),
-        float(b.mean()),
-        mean_diff,
-        std,
-        mean_diff - half,
-        mean_diff + half,
-        t_stat,
-        p_value,
-        verdict,
-    )
 
 
 @dataclass(frozen=True)
