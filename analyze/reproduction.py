@@ -87,28 +87,32 @@ def verdict_table(rows: Sequence[StudyVerdictRow], *, detailed: bool) -> list[st
         return ["No comparison has final runs for both of its arms yet.", ""]
     if detailed:
         head = (
-            "| benchmark | comparison (A vs B) | pairs | A | B | A − B [95 % CI] | A − B (% of B) "
-            "| p sign-flip | p Wilcoxon | p Holm | p TOST (Holm) | margin ±m | verdict |"
+            "| benchmark | comparison (A vs B) | learned A, B | pairs | A | B | A − B [95 % CI] "
+            "| A − B (% of B) | p sign-flip | p Wilcoxon | p Holm | p TOST (Holm) | margin ±m "
+            "| verdict |"
         )
-        lines = [head, "|" + "---|" * 13]
+        lines = [head, "|" + "---|" * 14]
     else:
         lines = [
-            "| benchmark | comparison (A vs B) | pairs | A − B (% of B) | p Holm | verdict |",
-            "|---|---|---|---|---|---|",
+            "| benchmark | comparison (A vs B) | learned A, B | pairs | A − B (% of B) | p Holm "
+            "| verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
     for row in rows:
         c, j = row.judged.comparison, row.judged
         rel = f"{100 * c.relative_diff:+.2f} %" if math.isfinite(c.relative_diff) else "–"
+        learned = f"{row.usable_a[0]}/{row.usable_a[1]}, {row.usable_b[0]}/{row.usable_b[1]}"
         if detailed:
             lines.append(
-                f"| {row.study} | {c.label} | {c.n} | {fmt(c.a_mean)} | {fmt(c.b_mean)} "
+                f"| {row.study} | {c.label} | {learned} | {c.n} | {fmt(c.a_mean)} "
+                f"| {fmt(c.b_mean)} "
                 f"| {fmt(c.mean_diff)} [{fmt(c.ci_low)}, {fmt(c.ci_high)}] | {rel} "
                 f"| {fmt_p(c.p_diff)} | {fmt_p(c.p_wilcoxon)} | {fmt_p(j.p_diff_holm)} "
                 f"| {fmt_p(j.p_tost_holm)} | {fmt(c.margin)} | **{j.verdict_text()}** |"
             )
         else:
             lines.append(
-                f"| {row.study} | {c.label} | {c.n} | {rel} | {fmt_p(j.p_diff_holm)} "
+                f"| {row.study} | {c.label} | {learned} | {c.n} | {rel} | {fmt_p(j.p_diff_holm)} "
                 f"| **{j.verdict_text()}** |"
             )
     return [*lines, ""]
@@ -274,19 +278,22 @@ def render_report(runs: Sequence[StudyRun]) -> str:
 
 def _method_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
     n_min = min((v.judged.comparison.n for v in verdicts), default=0)
-    return [
-        f"Paired by seed, A − B (negative: A reaches a lower loss). p sign-flip: exact two-sided "
-        f"permutation test of the mean difference over all 2^n sign patterns; p Wilcoxon: exact "
-        f"signed-rank, for reference; p Holm: the sign-flip p after Holm's correction over all "
-        f"{len(verdicts)} comparisons in this table; TOST: exact sign-flip two one-sided tests "
-        f"against ±m, m = {100 * EQUIVALENCE_MARGIN_REL:g} % of B's mean, Holm-corrected over "
-        f"the same family; CI: 95 % t-interval. Verdict: **equivalent within ±m** when p TOST "
-        f"(Holm) < {ALPHA:g} (even if the sign is also significant: m is the smallest "
-        f"difference that matters); else **better**/**worse** when p Holm < {ALPHA:g}; else "
-        f"**inconclusive**. With n pairs the smallest attainable p is 2/2^n "
-        f"(n = {n_min}: {fmt_p(min_exact_p(n_min)) if n_min else '–'}).",
-        "",
+    smallest = fmt_p(min_exact_p(n_min)) if n_min else "–"
+    margin = f"{100 * EQUIVALENCE_MARGIN_REL:g} %"
+    parts = [
+        "Paired by seed, A − B (negative: A reaches a lower loss).",
+        "learned A, B: final runs that learned / final runs of each arm (only those pair).",
+        "p sign-flip: exact two-sided permutation test of the mean difference over all 2^n",
+        "sign patterns; p Wilcoxon: exact signed-rank, for reference; p Holm: the sign-flip p",
+        f"after Holm's correction over all {len(verdicts)} comparisons in this table; TOST:",
+        f"exact sign-flip two one-sided tests against ±m, m = {margin} of B's mean,",
+        "Holm-corrected over the same family; CI: 95 % t-interval.",
+        f"Verdict: **equivalent within ±m** when p TOST (Holm) < {ALPHA:g} (even if the sign",
+        "is also significant: m is the smallest difference that matters); else",
+        f"**better**/**worse** when p Holm < {ALPHA:g}; else **inconclusive**.",
+        f"With n pairs the smallest attainable p is 2/2^n (n = {n_min}: {smallest}).",
     ]
+    return [" ".join(parts), ""]
 
 
 def render_summary(runs: Sequence[StudyRun]) -> str:

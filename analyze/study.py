@@ -368,9 +368,13 @@ class StudyVerdictRow:
     study: str
     spec: ComparisonSpec
     judged: Judged
+    usable_a: tuple[int, int]  # (runs that learned, final runs) of arm A
+    usable_b: tuple[int, int]
 
 
-def comparisons_of(runs: Sequence[StudyRun]) -> list[tuple[str, ComparisonSpec, Comparison]]:
+def comparisons_of(
+    runs: Sequence[StudyRun],
+) -> list[tuple[str, ComparisonSpec, Comparison, dict[str, ArmOutcome]]]:
     """Every comparison of ``COMPARISONS`` whose two arms both have final runs, per study."""
     out = []
     for study in sorted({r.study for r in runs}):
@@ -384,12 +388,19 @@ def comparisons_of(runs: Sequence[StudyRun]) -> list[tuple[str, ComparisonSpec, 
                     outcomes[spec.a].by_seed(),
                     outcomes[spec.b].by_seed(),
                 )
-                out.append((study, spec, comparison))
+                out.append((study, spec, comparison, outcomes))
     return out
+
+
+def _counts(outcome: ArmOutcome) -> tuple[int, int]:
+    return len(outcome.usable), len(outcome.runs)
 
 
 def study_verdicts(runs: Sequence[StudyRun]) -> list[StudyVerdictRow]:
     """All comparisons reported together, Holm-corrected as one family, with their verdicts."""
     found = comparisons_of(runs)
-    judged = judge([c for _, _, c in found])
-    return [StudyVerdictRow(s, spec, j) for (s, spec, _), j in zip(found, judged, strict=True)]
+    judged = judge([c for _, _, c, _ in found])
+    return [
+        StudyVerdictRow(s, spec, j, _counts(o[spec.a]), _counts(o[spec.b]))
+        for (s, spec, _, o), j in zip(found, judged, strict=True)
+    ]

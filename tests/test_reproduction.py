@@ -110,8 +110,9 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     runs = load_study([store])
     report = render_report(runs)
     # K-FAC beats Adam and SGD on all 8 (7) pairs: exact p 2/256 (2/128), Holm over 3 rows
-    assert "| toy_study | K-FAC vs Adam | 8 |" in report
-    assert "| toy_study | K-FAC vs SGD | 7 |" in report  # the SGD run that did not learn is out
+    assert "| toy_study | K-FAC vs Adam | 8/8, 8/8 | 8 |" in report
+    # the SGD run that did not learn is out of the pairs
+    assert "| toy_study | K-FAC vs SGD | 8/8, 7/8 | 7 |" in report
     lines = {
         line.split("|")[2].strip(): line for line in report.splitlines() if "toy_study |" in line
     }
