@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from omegaconf import OmegaConf
 
 from analyze.stats import Comparison, Judged, compare_paired, judge
 from core.likelihood import Likelihood
@@ -131,8 +132,6 @@ def _computed_baseline(model_yaml: str, data_yaml: str) -> tuple[float, str]:
     """Trivial baseline for runs recorded before the summary carried it (data -> loss)."""
     model = yaml.safe_load(model_yaml)
     data = yaml.safe_load(data_yaml)
-    from omegaconf import OmegaConf
-
     bundle = load_dataset(
         str(model["dataset"]),
         OmegaConf.create(data),
