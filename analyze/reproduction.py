@@ -23,6 +23,7 @@ from analyze.published import published_for
 from analyze.stats import ALPHA, EQUIVALENCE_MARGIN_REL, min_exact_p
 from analyze.study import (
     ARM_NAMES,
+    EXTENSION_STAGE,
     ArmOutcome,
     StudyRun,
     StudyVerdictRow,
@@ -153,8 +154,9 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
 def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
     """Per arm: the grid, trials spent, the winner, and whether it lies on the grid's edge."""
     lines = [
-        "| arm | grid | trials | winner | winner's final val loss | on the grid's edge |",
-        "|---|---|---|---|---|---|",
+        "| arm | grid | trials | distinct outcomes | winner | winner's final val loss "
+        "| on the grid's edge |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         tuned = tuning_outcome(runs, arm)
@@ -165,10 +167,34 @@ def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
         )
         edge = ", ".join(tuned.on_edge) if tuned.on_edge else "no"
         lines.append(
-            f"| {arm_name(arm)} | {grid} | {tuned.trials} | {_settings(tuned.winner)} "
+            f"| {arm_name(arm)} | {grid} | {tuned.trials} | {tuned.distinct} "
+            f"| {_settings(tuned.winner)} "
             f"| {fmt(tuned.winner_val_loss)} | {edge} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    lines.append(
+        "Distinct outcomes: trials whose final validation losses differ; identical losses mean "
+        "identical trajectories (with the KL clip active the K-FAC update is ν·η·Δ with "
+        "ν ∝ 1/η, so η cancels and the learning-rate axis spends trials without effect). "
+        "Ties go to the earlier run."
+    )
+    lines.append("")
+    checks = [r for r in runs if r.stage == EXTENSION_STAGE and r.arm in arms]
+    if checks:
+        lines.append(
+            "Grid-edge checks (one trial each beyond a winner's edge, seed 0; outside the "
+            "budget and never used for selection or for the final runs):"
+        )
+        lines.append("")
+        for run in checks:
+            tuned = tuning_outcome(runs, run.arm)
+            winner = math.nan if tuned is None else tuned.winner_val_loss
+            lines.append(
+                f"- {arm_name(run.arm)}: {_settings(run.hyperparameters)} → final val loss "
+                f"{fmt(run.final_val_loss)} (the selected winner: {fmt(winner)})"
+            )
+        lines.append("")
+    return lines
 
 
 def published_lines(model: str, outcomes: dict[str, ArmOutcome]) -> list[str]:
@@ -327,7 +353,8 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
 def compute_table(runs: Sequence[StudyRun], study: str) -> list[str]:
     """Actual compute per arm: runs and summed wall-clock, tuning and final stages."""
     lines = [
-        "| arm | tuning runs | final runs | wall-clock, tuning (min) | wall-clock, final (min) |",
+        "| arm | tuning runs (+ edge checks) | final runs | wall-clock, tuning (min) "
+        "| wall-clock, final (min) |",
         "|---|---|---|---|---|",
     ]
     of_study = [r for r in runs if r.study == study]

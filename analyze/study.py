@@ -36,6 +36,7 @@ from suite.train import split_targets
 
 FINAL_STAGE = "final"
 TUNE_STAGE = "tune"
+EXTENSION_STAGE = "extension"  # a trial beyond a winner's grid edge: reported, never selected
 MULTI_OPTIMIZER_ARM = "first_order"  # a preset that tunes several optimizers: arm = optimizer
 
 
@@ -262,6 +263,7 @@ class TuningOutcome:
     winner: dict[str, Any]
     winner_val_loss: float
     on_edge: tuple[str, ...]  # grid axes (with > 1 value) whose winning value is an end point
+    distinct: int  # distinct final validation losses among the trials (ties: same trajectory)
 
 
 def tuning_outcome(runs: Sequence[StudyRun], arm: str) -> TuningOutcome | None:
@@ -287,6 +289,7 @@ def tuning_outcome(runs: Sequence[StudyRun], arm: str) -> TuningOutcome | None:
         winner={} if best is None else dict(best.hyperparameters),
         winner_val_loss=math.nan if best is None else best.final_val_loss,
         on_edge=edges,
+        distinct=len({r.final_val_loss for r in trials}),
     )
 
 
