@@ -103,6 +103,7 @@ def store(tmp_path: Path) -> Path:
         write_run(
             root, arm="kfac", optimizer="kfac", seed=0, final=val, stage="tune", lr=lr, val=val
         )
+    write_run(root, arm="kfac", optimizer="kfac", seed=0, final=98.0, stage="extension", lr=0.9)
     return root
 
 
