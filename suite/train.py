@@ -26,6 +26,7 @@ from models import build_model
 from optimizers.registry import build_optimizer, family_of
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.environment import code_version, collect_environment
+from suite.metrics import batch_accuracy, learned, trivial_baseline, window_mean
 from suite.store import RunFolder, RunRecord, RunStatus, new_run_id, utc_now
 from suite.validate import check_writable, validate_config
 from suite.wandb_logger import make_logger
@@ -128,25 +129,31 @@ def split_targets(split: Split, *, autoencoder: bool) -> Tensor:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, split: Split, likelihood: Likelihood, *, targets: Tensor, batch_size: int
+    model: nn.Module,
+    split: Split,
+    likelihood: Likelihood,
+    *,
+    targets: Tensor,
+    batch_size: int,
+    classifier: bool = False,
 ) -> dict[str, float]:
-    """Loss (and accuracy for classifiers) over a whole split, in eval mode."""
+    """Loss (and accuracy for classifiers: categorical or binary) over a split, in eval mode."""
     was_training = model.training
     model.eval()
-    total, per_output, correct, count = 0.0, 0, 0, 0
+    total, per_output, correct, count = 0.0, 0, 0.0, 0
     for start in range(0, split.x.shape[0], batch_size):
         x = split.x[start : start + batch_size]
         target = targets[start : start + batch_size]
         output = model(x)
         total += float(likelihood.per_example_nll(output, target).sum())
         per_output = likelihood.outputs_per_example(output)
-        if likelihood is Likelihood.categorical:
-            correct += int((output.argmax(dim=-1) == target).sum())
+        if classifier:
+            correct += batch_accuracy(likelihood, output, target) * x.shape[0]
         count += x.shape[0]
     model.train(was_training)
     loss = total / max(count, 1)
     metrics = {"loss": loss, "loss_per_output": loss / max(per_output, 1)}
-    if likelihood is Likelihood.categorical:
+    if classifier:
         metrics["acc"] = correct / max(count, 1)
     return metrics
 
@@ -174,11 +181,18 @@ class Trainer:
         data = load_dataset(str(cfg.model.dataset), cfg.data, device=self.device, seed=seed)
         self.data = _cast(data, self.dtype)
         autoencoder = _value(cfg.model.task) == "autoencoder"
+        self.classifier = not autoencoder
         self.targets = {
             name: split_targets(split, autoencoder=autoencoder)
             for name in ("train", "val", "test")
             if (split := getattr(self.data, name)) is not None and split.x.shape[0] > 0
         }
+        self.baseline = trivial_baseline(
+            self.likelihood,
+            self.targets,
+            autoencoder=autoencoder,
+            classes=int(getattr(cfg.model, "num_classes", None) or 0),
+        )
         if self.data.train.x.shape[0] < cfg.trainer.batch_size:
             raise ConfigError(
                 "trainer.batch_size",
@@ -297,6 +311,19 @@ class Trainer:
             "diverged_step": None,
             "error": None,
         }
+        running = last.get("train_running_loss")
+        running = None if running is None or math.isnan(running) else running
+        baseline = self.baseline.losses.get("train")
+        finished = status in (RunStatus.COMPLETED, RunStatus.DIVERGED)
+        summary["final_train_running_loss"] = running
+        summary["final_train_running_acc"] = last.get("train_running_acc")
+        summary["baseline_train_loss"] = baseline
+        summary["baseline_test_loss"] = self.baseline.losses.get("test")
+        summary["baseline_predictor"] = self.baseline.predictor
+        if status is RunStatus.DIVERGED:
+            summary["learned"] = False
+        else:
+            summary["learned"] = learned(running, baseline) if finished else None
         for split in ("train", "val", "test"):
             summary[f"final_{split}_loss"] = last.get(f"{split}_loss")
             summary[f"best_{split}_loss"] = best.get(f"{split}_loss")
@@ -319,11 +346,24 @@ class Trainer:
             "epoch": self.progress.step / self.steps_per_epoch,
             "wall_time_s": self.progress.wall_time_s,
         }
+        previous = int(self.record.evals[-1]["step"]) if self.record.evals else 0
+        row["train_running_loss"] = window_mean(
+            self.record.steps, "batch_loss", after_step=previous
+        )
+        if self.classifier:
+            row["train_running_acc"] = window_mean(
+                self.record.steps, "batch_acc", after_step=previous
+            )
         batch = int(self.cfg.trainer.eval_batch_size)
         for name, targets in self.targets.items():
             split = getattr(self.data, name)
             metrics = evaluate(
-                self.model, split, self.likelihood, targets=targets, batch_size=batch
+                self.model,
+                split,
+                self.likelihood,
+                targets=targets,
+                batch_size=batch,
+                classifier=self.classifier,
             )
             for key, value in metrics.items():
                 row[f"{name}_{key}"] = value
@@ -340,6 +380,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _step(self, x: Tensor, target: Tensor) -> float:
+        """One optimizer step; returns the train-mode batch loss (its output kept for metrics)."""
         model, optimizer, likelihood = self.model, self.optimizer, self.likelihood
         optimizer.zero_grad(set_to_none=True)
         if self.family.curvature:
@@ -362,6 +403,7 @@ class Trainer:
         value = float(loss.detach())
         if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
             raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
+        self.last_output = output.detach()
         return value
 
     def _checkpoint(self) -> None:
@@ -492,6 +534,8 @@ class Trainer:
                         "step_time_s": elapsed,
                         "wall_time_s": p.wall_time_s,
                     }
+                    if self.classifier:
+                        row["batch_acc"] = batch_accuracy(self.likelihood, self.last_output, target)
                     self.record.steps.append(row)
                     bar.update(1)
                     bar.set_postfix(
