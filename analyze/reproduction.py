@@ -271,6 +271,9 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         "",
         *_method_lines(verdicts),
         *verdict_table(verdicts, detailed=True),
+        "In words:",
+        "",
+        *plain_statements(runs, verdicts),
     ]
     for study in sorted({r.study for r in runs}):
         outcomes = arm_outcomes(runs, study)
@@ -322,6 +325,38 @@ def _method_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
     return [" ".join(parts), ""]
 
 
+def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRow]) -> list[str]:
+    """One generated sentence per comparison, and one per arm with no run that learned."""
+    lines = []
+    for row in verdicts:
+        c, j = row.judged.comparison, row.judged
+        word = j.verdict_text()
+        if c.n == 0:
+            why = "no seed with a learning run in both arms"
+        else:
+            pairs = f"{c.n} pair{'' if c.n == 1 else 's'}"
+            size = f"A − B = {fmt(c.mean_diff)} ({100 * c.relative_diff:+.2f} % of B)"
+            tests = f"p Holm {fmt_p(j.p_diff_holm)}, p TOST (Holm) {fmt_p(j.p_tost_holm)}"
+            why = f"{pairs}, {size}, {tests}"
+        lines.append(f"- {row.study}, {c.label}: **{word}** ({why}).")
+    for study in sorted({r.study for r in runs}):
+        for arm, outcome in arm_outcomes(runs, study).items():
+            if outcome.runs and not outcome.usable:
+                tuned = tuning_outcome(runs, arm)
+                learned_trials = sum(
+                    1 for r in runs if r.arm == arm and r.stage == "tune" and r.usable
+                )
+                trials = (
+                    "" if tuned is None else f"; {learned_trials} of {tuned.trials} tuning trials"
+                )
+                lines.append(
+                    f"- {study}, {arm_name(arm)}: no final run learned "
+                    f"(0 of {len(outcome.runs)}{trials} learned), so none of its comparisons "
+                    "can be tested."
+                )
+    return [*lines, ""]
+
+
 def render_summary(runs: Sequence[StudyRun]) -> str:
     """The short generated section shared by the README and docs/study.md."""
     verdicts = study_verdicts(runs)
@@ -332,6 +367,9 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
         "exclusions: `docs/report.md` (`make report`).",
         "",
         *verdict_table(verdicts, detailed=False),
+        "In words:",
+        "",
+        *plain_statements(runs, verdicts),
     ]
     for study in sorted({r.study for r in runs}):
         outcomes = arm_outcomes(runs, study)
