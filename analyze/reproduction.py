@@ -306,7 +306,8 @@ def render_report(runs: Sequence[StudyRun]) -> str:
 
 
 def _method_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
-    n_min = min((v.judged.comparison.n for v in verdicts), default=0)
+    n_min = min((v.judged.comparison.n for v in verdicts if v.judged.comparison.n), default=0)
+    tested = sum(1 for v in verdicts if v.judged.comparison.n)
     smallest = fmt_p(min_exact_p(n_min)) if n_min else "–"
     margin = f"{100 * EQUIVALENCE_MARGIN_REL:g} %"
     parts = [
@@ -314,7 +315,8 @@ def _method_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
         "learned A, B: final runs that learned / final runs of each arm (only those pair).",
         "p sign-flip: exact two-sided permutation test of the mean difference over all 2^n",
         "sign patterns; p Wilcoxon: exact signed-rank, for reference; p Holm: the sign-flip p",
-        f"after Holm's correction over all {len(verdicts)} comparisons in this table; TOST:",
+        f"after Holm's correction over the {tested} testable comparisons in this table (a",
+        "comparison without pairs has no p and is not counted); TOST:",
         f"exact sign-flip two one-sided tests against ±m, m = {margin} of B's mean,",
         "Holm-corrected over the same family; CI: 95 % t-interval.",
         f"Verdict: **equivalent within ±m** when p TOST (Holm) < {ALPHA:g} (even if the sign",
@@ -360,9 +362,10 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
 def render_summary(runs: Sequence[StudyRun]) -> str:
     """The short generated section shared by the README and docs/study.md."""
     verdicts = study_verdicts(runs)
+    tested = sum(1 for v in verdicts if v.judged.comparison.n)
     lines = [
         f"Metric: {METRIC_NOTE}. Paired by seed; exact sign-flip p, Holm-corrected over the "
-        f"{len(verdicts)} comparisons below; equivalence = TOST within ±"
+        f"{tested} testable comparisons below; equivalence = TOST within ±"
         f"{100 * EQUIVALENCE_MARGIN_REL:g} % of B's mean. Full tables, tuning, runs and "
         "exclusions: `docs/report.md` (`make report`).",
         "",
