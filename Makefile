@@ -14,7 +14,7 @@ RESULTS ?= results/reference results/runs
 FAST_TESTS := -m "not slow"
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-data run test test-slow test-all lint format figures bench bench-ttt reproduce-small slurm-test clean
+.PHONY: help install system-data run test test-slow test-all lint format figures report bench bench-ttt reproduce-small slurm-test clean
 
 help: ## List the targets and what they do
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -66,6 +66,9 @@ figures: install ## Figures, tables, report: results/reference -> figures/refere
 	    $(PY) -m analyze --quiet --results "$$root" || exit $$?; \
 	  else echo "figures: no runs in $$root yet (skipped)"; fi; \
 	done
+
+report: install ## The study's report (docs/report.md) and README/docs/study.md results, from results/reference
+	$(PY) -m analyze.reproduction --results results/reference
 
 bench: install ## Step-cost ratios, per-stage K-FAC timings, memory (JSON + Markdown in bench/out)
 	$(PY) -m bench --out bench/out

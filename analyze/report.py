@@ -14,7 +14,7 @@ import pandas as pd
 from analyze.aggregate import Band, LossKind, group_runs, groups_of
 from analyze.load import FIRST_ORDER_FAMILIES, KFAC_FAMILY, TWO_LEVEL_FAMILY, ResultsSet
 from analyze.published import CAVEATS, SOURCE, TENSORFLOW_KFAC_NOTE, published_for
-from analyze.stats import N_BOOTSTRAP, PairedResult, Verdict
+from analyze.stats import N_BOOTSTRAP, Judged
 from analyze.style import LOSS_NOTE
 from analyze.tables import Table, fmt, fmt_mean_std, profile_note
 
@@ -41,43 +41,29 @@ class ReportInputs:
     n_bootstrap: int = N_BOOTSTRAP
 
 
-def verdict_sentence(result: PairedResult, *, two_level: str, kfac: str, metric: str) -> str:
+def verdict_sentence(judged: Judged, *, two_level: str, kfac: str, metric: str) -> str:
     """One sentence: does two-level beat K-FAC on ``metric``, by how much, how sure."""
-    if result.verdict is Verdict.TOO_FEW:
+    result = judged.comparison
+    if result.n == 0:
         return (
-            f"{two_level} vs {kfac} on `{metric}`: not testable, only {result.n} seed(s) "
-            "completed under both (a paired test needs at least 2)."
+            f"{two_level} vs {kfac} on `{metric}`: **inconclusive** (no seed completed under both)."
         )
-    direction = "lower" if result.mean_diff < 0 else "higher"
     size = (
         f"mean difference {fmt(result.mean_diff)} ({100 * result.relative_diff:+.2f} % of "
-        f"K-FAC's {fmt(result.kfac_mean)}), 95 % CI [{fmt(result.ci_low)}, {fmt(result.ci_high)}]"
+        f"K-FAC's {fmt(result.b_mean)}), 95 % CI [{fmt(result.ci_low)}, {fmt(result.ci_high)}]"
     )
     test = (
-        f"paired t-test over n = {result.n} seeds: "
-        f"t = {fmt(result.t_stat)}, p = {fmt(result.p_value)}"
+        f"exact sign-flip p = {fmt(result.p_diff)} over n = {result.n} pairs, Holm-adjusted "
+        f"{fmt(judged.p_diff_holm)}; TOST (±{fmt(result.margin)}) Holm-adjusted "
+        f"{fmt(judged.p_tost_holm)}"
     )
-    if result.verdict is Verdict.NO_DIFFERENCE:
-        p_text = "p undefined (identical differences)" if math.isnan(result.p_value) else "p ≥ 0.05"
-        return (
-            f"{two_level} vs {kfac} on `{metric}`: **no significant difference** ({p_text}); "
-            f"{size}; {test}."
-        )
-    winner = (
-        "two-level beats K-FAC"
-        if result.verdict is Verdict.TWO_LEVEL_BETTER
-        else ("K-FAC beats two-level")
-    )
-    return (
-        f"{two_level} vs {kfac} on `{metric}`: **{winner}** ({direction} loss, p < 0.05); "
-        f"{size}; {test}."
-    )
+    return f"{two_level} vs {kfac} on `{metric}`: **{judged.verdict_text()}**; {size}; {test}."
 
 
 def _verdict_line(row: Any) -> str:
     """A verdict sentence with the diverged-run counts of both optimizers."""
     sentence = verdict_sentence(
-        row.result, two_level=row.two_level, kfac=row.kfac, metric=row.metric
+        row.judged, two_level=row.two_level, kfac=row.kfac, metric=row.metric
     )
     return (
         f"{sentence} Diverged runs (not in the test): {row.two_level} {row.two_level_diverged}, "
@@ -247,8 +233,10 @@ def render_report(inputs: ReportInputs) -> str:
             "- Time-to-target: target = mean final train loss of the strongest sgd/adam baseline; "
             "time read off the seed-mean curve; percentile bootstrap CIs over seeds "
             f"({inputs.n_bootstrap} resamples).",
-            "- Two-level vs K-FAC: difference paired by seed; two-sided paired t-test "
-            "(scipy.stats.ttest_rel); p ≥ 0.05 is reported as no significant difference.",
+            "- Two-level vs K-FAC: difference paired by seed; exact two-sided sign-flip "
+            "permutation p, Holm-corrected over all comparisons of the report, sign-flip TOST "
+            "against ±1 % of K-FAC's mean; verdict: equivalent within ±m, else better/worse, "
+            "else inconclusive (the study's rule, docs/study.md).",
             f"- Published numbers: {SOURCE}.",
             *(f"  - Caveat: {c}" for c in CAVEATS),
             f"- Also reported elsewhere: {TENSORFLOW_KFAC_NOTE}",

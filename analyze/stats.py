@@ -12,7 +12,8 @@ Conventions (also stated in the report):
 - Confidence intervals of times and speed-ups: percentile bootstrap over seeds (2,000
   resamples, seeds resampled independently per optimizer, the target recomputed from each
   resample of the baseline), so the CI carries the target's own uncertainty.
-- Two-level minus K-FAC: paired by seed, two-sided paired t-test (scipy.stats.ttest_rel).
+- Paired comparisons (two-level vs K-FAC, the study's comparisons): paired by seed, exact
+  sign-flip p, Holm over the comparisons reported together, sign-flip TOST; see below.
 """
 
 from __future__ import annotations
@@ -167,95 +168,6 @@ def times_to_target(
     return point_target, results
 
 
-class Verdict(str, Enum):
-    """Outcome of the paired two-level vs K-FAC comparison (lower loss is better)."""
-
-    TWO_LEVEL_BETTER = "two-level better"
-    KFAC_BETTER = "K-FAC better"
-    NO_DIFFERENCE = "no significant difference"
-    TOO_FEW = "too few paired seeds"
-
-
-@dataclass(frozen=True)
-class PairedResult:
-    """Two-level minus K-FAC over seeds both completed, with a paired t-test."""
-
-    n: int
-    seeds: tuple[int, ...]
-    two_level_mean: float
-    kfac_mean: float
-    mean_diff: float
-    std_diff: float
-    ci_low: float
-    ci_high: float
-    t_stat: float
-    p_value: float
-    verdict: Verdict
-
-    @property
-    def relative_diff(self) -> float:
-        """Mean difference as a fraction of K-FAC's mean."""
-        return self.mean_diff / self.kfac_mean if self.kfac_mean else math.nan
-
-
-def paired_difference(
-    two_level: Mapping[int, float], kfac: Mapping[int, float], *, alpha: float = ALPHA
-) -> PairedResult:
-    """Pair by seed (finite values in both), test the mean difference against zero."""
-    seeds = tuple(
-        sorted(
-            s
-            for s in set(two_level) & set(kfac)
-            if math.isfinite(two_level[s]) and math.isfinite(kfac[s])
-        )
-    )
-    a = np.array([two_level[s] for s in seeds], dtype=float)
-    b = np.array([kfac[s] for s in seeds], dtype=float)
-    n = len(seeds)
-    if n < 2:
-        nan = math.nan
-        diff = float(a[0] - b[0]) if n == 1 else nan
-        return PairedResult(
-            n,
-            seeds,
-            float(a.mean()) if n else nan,
-            float(b.mean()) if n else nan,
-            diff,
-            nan,
-            nan,
-            nan,
-            nan,
-            nan,
-            Verdict.TOO_FEW,
-        )
-    d = a - b
-    std = float(d.std(ddof=1))
-    half = float(stats.t.ppf(1 - alpha / 2, n - 1) * std / math.sqrt(n))
-    if std == 0.0:
-        t_stat, p_value = math.nan, math.nan
-    else:
-        test = stats.ttest_rel(a, b)
-        t_stat, p_value = float(test.statistic), float(test.pvalue)
-    if math.isfinite(p_value) and p_value < alpha:
-        verdict = Verdict.TWO_LEVEL_BETTER if d.mean() < 0 else Verdict.KFAC_BETTER
-    else:
-        verdict = Verdict.NO_DIFFERENCE
-    mean_diff = float(d.mean())
-    return PairedResult(
-        n,
-        seeds,
-        float(a.mean()),
-        float(b.mean()),
-        mean_diff,
-        std,
-        mean_diff - half,
-        mean_diff + half,
-        t_stat,
-        p_value,
-        verdict,
-    )
-
-
 @dataclass(frozen=True)
 class Profile:
     """Performance profile: fraction of problems each optimizer solves within τ × the best."""
@@ -283,3 +195,230 @@ def performance_profile(times: pd.DataFrame, *, r_max: float = R_MAX, points: in
         for name in ratios.columns
     }
     return Profile(tau=tau, fractions=fractions, ratios=ratios, r_max=r_max)
+
+
+# ------------------------------------------------------------------- study comparisons (#17)
+# The study's verdict for one comparison "A vs B" (lower loss is better), stated up front:
+# paired by seed, d = A - B; exact two-sided sign-flip permutation p of the mean difference;
+# Holm's step-down correction across every comparison reported together; exact sign-flip TOST
+# with margin ±m, m = EQUIVALENCE_MARGIN_REL × mean(B) (B is the reference of the comparison),
+# its p also Holm-corrected over the same family. Verdict: `equivalent within ±m` when the
+# adjusted TOST p < ALPHA; else `better`/`worse` when the adjusted difference p < ALPHA (by the
+# sign of the mean difference); else `inconclusive`.
+EQUIVALENCE_MARGIN_REL = 0.01
+MAX_EXACT_PAIRS = 20  # 2^20 sign patterns; beyond this the exact test is refused
+
+
+class StudyVerdict(str, Enum):
+    """The only four words a study comparison may end in."""
+
+    BETTER = "better"
+    WORSE = "worse"
+    EQUIVALENT = "equivalent"
+    INCONCLUSIVE = "inconclusive"
+
+
+def _sign_patterns(n: int) -> np.ndarray:
+    """All 2^n vectors of ±1 (rows), the first row all +1."""
+    if n > MAX_EXACT_PAIRS:
+        raise ValueError(f"exact sign-flip test refused for n = {n} > {MAX_EXACT_PAIRS} pairs")
+    codes = np.arange(2**n, dtype=np.int64)[:, None]
+    bits = (codes >> np.arange(n, dtype=np.int64)[None, :]) & 1
+    return np.asarray(1 - 2 * bits, dtype=float)
+
+
+def _flip_sums(d: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Sums of every sign pattern of ``d``, the observed sum and a round-off tolerance."""
+    sums = _sign_patterns(d.size) @ d
+    tol = 64 * np.finfo(float).eps * float(np.abs(d).sum())
+    return sums, float(d.sum()), tol
+
+
+def sign_flip_p(differences: Sequence[float] | np.ndarray) -> float:
+    """Exact two-sided permutation p of paired differences against a zero mean.
+
+    Under H0 each difference is symmetric about 0, so all 2^n sign patterns are equally likely;
+    p is the fraction whose |sum| is at least the observed |sum| (the observed pattern counts).
+    """
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        return math.nan
+    sums, observed, tol = _flip_sums(d)
+    return float(np.mean(np.abs(sums) >= abs(observed) - tol))
+
+
+def sign_flip_p_one_sided(differences: Sequence[float] | np.ndarray, *, greater: bool) -> float:
+    """Exact one-sided sign-flip p: H1 mean > 0 (``greater``) or mean < 0."""
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0:
+        return math.nan
+    sums, observed, tol = _flip_sums(d)
+    hits = sums >= observed - tol if greater else sums <= observed + tol
+    return float(np.mean(hits))
+
+
+def wilcoxon_exact_p(differences: Sequence[float] | np.ndarray) -> float:
+    """Exact two-sided Wilcoxon signed-rank p (zero differences dropped; NaN when none left)."""
+    d = np.asarray(differences, dtype=float)
+    d = d[d != 0]
+    if d.size == 0:
+        return math.nan
+    return float(stats.wilcoxon(d, method="exact").pvalue)
+
+
+def tost_p(differences: Sequence[float] | np.ndarray, *, margin: float) -> float:
+    """Exact sign-flip TOST p for |mean difference| < ``margin`` (max of the two one-sided p).
+
+    Lower test: H0 mean ≤ -margin, statistic d + margin; upper: H0 mean ≥ margin, d - margin.
+    A margin ≤ 0 cannot be shown, p = 1.
+    """
+    d = np.asarray(differences, dtype=float)
+    if d.size == 0 or not math.isfinite(margin):
+        return math.nan
+    if margin <= 0:
+        return 1.0
+    lower = sign_flip_p_one_sided(d + margin, greater=True)
+    upper = sign_flip_p_one_sided(d - margin, greater=False)
+    return max(lower, upper)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (same order as given; NaN stays NaN, not counted)."""
+    values = [float(p) for p in p_values]
+    finite = [i for i, p in enumerate(values) if math.isfinite(p)]
+    m = len(finite)
+    order = sorted(finite, key=lambda i: values[i])
+    adjusted = [math.nan] * len(values)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired comparison A vs B over the seeds both arms have usable runs for."""
+
+    label: str
+    a: str
+    b: str
+    seeds: tuple[int, ...]
+    a_mean: float
+    b_mean: float
+    mean_diff: float
+    ci_low: float  # 95 % t-interval of the mean paired difference
+    ci_high: float
+    margin: float
+    p_diff: float  # exact sign-flip, unadjusted
+    p_wilcoxon: float
+    p_tost: float
+
+    @property
+    def n(self) -> int:
+        """Number of seed pairs."""
+        return len(self.seeds)
+
+    @property
+    def relative_diff(self) -> float:
+        """Mean difference as a fraction of B's mean."""
+        return self.mean_diff / self.b_mean if self.b_mean else math.nan
+
+
+def compare_paired(
+    label: str,
+    a: str,
+    b: str,
+    a_values: Mapping[int, float],
+    b_values: Mapping[int, float],
+    *,
+    margin_rel: float = EQUIVALENCE_MARGIN_REL,
+    alpha: float = ALPHA,
+) -> Comparison:
+    """Pair ``a_values`` and ``b_values`` by seed (finite in both) and test them."""
+    seeds = tuple(
+        sorted(
+            s
+            for s in set(a_values) & set(b_values)
+            if math.isfinite(a_values[s]) and math.isfinite(b_values[s])
+        )
+    )
+    x = np.array([a_values[s] for s in seeds], dtype=float)
+    y = np.array([b_values[s] for s in seeds], dtype=float)
+    d = x - y
+    n = len(seeds)
+    nan = math.nan
+    b_mean = float(y.mean()) if n else nan
+    mean_diff = float(d.mean()) if n else nan
+    if n >= 2:
+        half = float(stats.t.ppf(1 - alpha / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+        low, high = mean_diff - half, mean_diff + half
+    else:
+        low = high = nan
+    margin = abs(margin_rel * b_mean) if n else nan
+    return Comparison(
+        label=label,
+        a=a,
+        b=b,
+        seeds=seeds,
+        a_mean=float(x.mean()) if n else nan,
+        b_mean=b_mean,
+        mean_diff=mean_diff,
+        ci_low=low,
+        ci_high=high,
+        margin=margin,
+        p_diff=sign_flip_p(d) if n else nan,
+        p_wilcoxon=wilcoxon_exact_p(d) if n else nan,
+        p_tost=tost_p(d, margin=margin) if n else nan,
+    )
+
+
+@dataclass(frozen=True)
+class Judged:
+    """A comparison with its Holm-adjusted p-values and verdict."""
+
+    comparison: Comparison
+    p_diff_holm: float
+    p_tost_holm: float
+    verdict: StudyVerdict
+
+    def verdict_text(self) -> str:
+        """The verdict word, the margin spelled out for `equivalent`."""
+        if self.verdict is StudyVerdict.EQUIVALENT:
+            return f"equivalent within ±{fmt_number(self.comparison.margin)}"
+        return self.verdict.value
+
+
+def fmt_number(value: float) -> str:
+    """Four significant digits (the report's precision for losses and margins)."""
+    return f"{value:.4g}"
+
+
+def verdict_of(
+    mean_diff: float, p_diff_holm: float, p_tost_holm: float, *, alpha: float = ALPHA
+) -> StudyVerdict:
+    """The decision rule (lower is better): equivalence first, then a difference.
+
+    A difference shown to lie inside ±m is called equivalent even when its sign is also
+    significant: the margin is, by its definition, the smallest difference that matters.
+    """
+    if math.isfinite(p_tost_holm) and p_tost_holm < alpha:
+        return StudyVerdict.EQUIVALENT
+    if math.isfinite(p_diff_holm) and p_diff_holm < alpha and mean_diff != 0:
+        return StudyVerdict.BETTER if mean_diff < 0 else StudyVerdict.WORSE
+    return StudyVerdict.INCONCLUSIVE
+
+
+def judge(comparisons: Sequence[Comparison], *, alpha: float = ALPHA) -> list[Judged]:
+    """Holm-correct the family of comparisons reported together and give each its verdict."""
+    p_diff = holm([c.p_diff for c in comparisons])
+    p_tost = holm([c.p_tost for c in comparisons])
+    return [
+        Judged(c, pd_, pt, verdict_of(c.mean_diff, pd_, pt, alpha=alpha))
+        for c, pd_, pt in zip(comparisons, p_diff, p_tost, strict=True)
+    ]
+
+
+def min_exact_p(n: int) -> float:
+    """Smallest two-sided sign-flip p attainable with ``n`` pairs (2 / 2^n)."""
+    return min(1.0, 2.0 / 2**n)

@@ -33,8 +33,9 @@ from analyze.stats import (
     N_BOOTSTRAP,
     R_MAX,
     Interval,
+    compare_paired,
+    judge,
     mean_std,
-    paired_difference,
     times_to_target,
 )
 
@@ -377,8 +378,12 @@ def paired_numbers(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM) -
                     continue  # a paired difference only isolates the coarse level
                 for split in splits:
                     column = f"final_{loss_kind.column(split)}"
-                    result = paired_difference(
-                        _by_seed(two_runs, column), _by_seed(kfac_runs, column)
+                    result = compare_paired(
+                        f"{labels[two]} vs {labels[kfac]}",
+                        labels[two],
+                        labels[kfac],
+                        _by_seed(two_runs, column),
+                        _by_seed(kfac_runs, column),
                     )
                     rows.append(
                         {
@@ -393,7 +398,10 @@ def paired_numbers(results: ResultsSet, *, loss_kind: LossKind = LossKind.SUM) -
                             "kfac_diverged": _count(kfac_runs, AnalysisStatus.DIVERGED),
                         }
                     )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:  # one Holm family: every row of the table
+        frame["judged"] = judge(list(frame["result"]))
+    return frame
 
 
 # Settings two-level K-FAC shares with K-FAC: a pair must agree on all of them, so that the
@@ -431,10 +439,10 @@ def _count(runs: pd.DataFrame, status: AnalysisStatus) -> int:
 
 
 def paired_table(numbers: pd.DataFrame) -> Table:
-    """Formatted two-level minus K-FAC table with the paired t-test."""
+    """Formatted two-level minus K-FAC table: exact sign-flip p, Holm, TOST, verdict."""
     text_rows = []
     for row in numbers.itertuples():
-        r = row.result
+        r, j = row.result, row.judged
         text_rows.append(
             {
                 "problem": row.problem,
@@ -442,22 +450,26 @@ def paired_table(numbers: pd.DataFrame) -> Table:
                 "K-FAC": row.kfac,
                 "metric": row.metric,
                 "n pairs": str(r.n),
-                "K-FAC mean": fmt(r.kfac_mean),
-                "two-level mean": fmt(r.two_level_mean),
+                "K-FAC mean": fmt(r.b_mean),
+                "two-level mean": fmt(r.a_mean),
                 "diff [95 % CI]": f"{fmt(r.mean_diff)} [{fmt(r.ci_low)}, {fmt(r.ci_high)}]",
                 "rel. diff": "–"
                 if math.isnan(r.relative_diff)
                 else f"{100 * r.relative_diff:+.2f} %",
-                "t": fmt(r.t_stat),
-                "p": fmt(r.p_value),
+                "p sign-flip": fmt(r.p_diff),
+                "p Holm": fmt(j.p_diff_holm),
+                "p TOST (Holm)": fmt(j.p_tost_holm),
                 "diverged (2L/K)": f"{row.two_level_diverged}/{row.kfac_diverged}",
-                "verdict": r.verdict.value,
+                "verdict": j.verdict_text(),
             }
         )
     notes = (
         "diff = two-level − K-FAC, paired by seed over seeds where both completed (negative: "
-        "two-level reached a lower loss). Two-sided paired t-test (scipy.stats.ttest_rel); "
-        "p ≥ 0.05 reads as no significant difference. CI: t-interval of the mean difference.",
+        "two-level reached a lower loss). p sign-flip: exact two-sided permutation test over "
+        "all 2^n sign patterns (with n pairs p ≥ 2/2^n); p Holm: Holm-corrected over every row "
+        "of this table; TOST: exact sign-flip equivalence test against ±1 % of K-FAC's mean, "
+        "Holm-corrected. Verdict: equivalent within ±m (TOST), else better/worse (p Holm "
+        "< 0.05), else inconclusive. CI: t-interval of the mean difference.",
     )
     return Table(
         name="table_two_level_vs_kfac",

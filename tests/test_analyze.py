@@ -450,16 +450,15 @@ def test_paired_difference_two_level_minus_kfac(results: ResultsSet) -> None:
         one = FINALS[(benchmark, variant, "kfac", "kfac")]
         seeds = sorted(set(two) & set(one))
         a, b = [two[s] for s in seeds], [one[s] for s in seeds]
-        expected = stats.ttest_rel(a, b)
         result = train.loc[f"{benchmark} ({variant})", "result"]
         assert result.n == 3 and result.seeds == (0, 1, 2)
         assert result.mean_diff == pytest.approx(np.mean(np.subtract(a, b)))
-        assert result.p_value == pytest.approx(expected.pvalue)
-        assert result.t_stat == pytest.approx(expected.statistic)
+        # exact sign-flip p over 3 pairs: a multiple of 1/8, at least 2/8
+        assert result.p_diff in (0.25, 0.5, 0.75, 1.0)
     mnist = train.loc["mnist_ae (mnist-full)"]
-    assert mnist["result"].verdict.value == "two-level better" and mnist["two_level_diverged"] == 1
-    curves = train.loc["curves_ae (curves-surrogate)", "result"]
-    assert curves.p_value >= 0.05 and curves.verdict.value == "no significant difference"
+    assert mnist["two_level_diverged"] == 1
+    # three pairs can reach neither Holm-adjusted significance nor equivalence
+    assert {j.verdict.value for j in numbers["judged"]} == {"inconclusive"}
 
 
 def test_build_writes_everything_and_reports_skips(
@@ -486,9 +485,8 @@ def test_build_writes_everything_and_reports_skips(
     report = (out / "report.md").read_text()
     assert "![mnist_ae curves](mnist_ae_curves.png)" in report
     assert "![Performance profiles](performance_profile.png)" in report
-    assert "**two-level beats K-FAC**" in report
-    assert "**no significant difference**" in report
-    assert "n = 3 seeds" in report
+    assert "**inconclusive**" in report and "over n = 3 pairs" in report
+    assert "two-level beats" not in report and "significant difference" not in report
     assert "0.0683" in report and "per-pixel" in report  # published MNIST K-FAC, labelled
     assert "no: `curves-surrogate` is not the published data" in report
     assert f"Our runs: batch_size 100; epochs {EPOCHS}." in report
@@ -683,7 +681,7 @@ def test_paired_difference_only_pairs_matching_kfac_settings(tmp_path: Path) -> 
     train = numbers[numbers["metric"] == "final_train_loss"]
     assert len(train) == 1
     result = train.iloc[0]["result"]
-    assert result.n == 2 and result.kfac_mean == pytest.approx(60.5)
+    assert result.n == 2 and result.b_mean == pytest.approx(60.5)
 
 
 def test_a_benchmark_run_by_several_presets_gets_a_figure_per_preset(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from analyze.aggregate import AlignedSeeds, Band, band_limits
-from analyze.stats import Verdict, mean_std, paired_difference, performance_profile, times_to_target
+from analyze.stats import mean_std, performance_profile, times_to_target
 
 
 def test_mean_std_uses_sample_std_and_ignores_non_finite() -> None:
@@ -33,23 +33,6 @@ def test_band_limits() -> None:
     np.testing.assert_allclose(values.mean(0) - lo, half)
     lo, hi = band_limits(values[:1], Band.CI95)
     np.testing.assert_array_equal(lo, hi)
-
-
-def test_paired_difference_verdicts() -> None:
-    kfac = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
-    better = {0: 0.9, 1: 1.85, 2: 2.92, 3: 3.88}
-    result = paired_difference(better, kfac)
-    expected = stats.ttest_rel(list(better.values()), list(kfac.values()))
-    assert result.p_value == pytest.approx(expected.pvalue) and result.n == 4
-    assert result.verdict is Verdict.TWO_LEVEL_BETTER
-    assert result.ci_low < result.mean_diff < result.ci_high < 0
-    worse = {s: v + 0.1 + 0.01 * s for s, v in kfac.items()}
-    assert paired_difference(worse, kfac).verdict is Verdict.KFAC_BETTER
-    noisy = {0: 1.1, 1: 1.9, 2: 3.05, 3: 3.9}
-    assert paired_difference(noisy, kfac).verdict is Verdict.NO_DIFFERENCE
-    # pairing is by seed: unmatched and non-finite seeds drop out
-    partial = paired_difference({0: 0.5, 7: 0.1, 1: float("nan")}, kfac)
-    assert partial.n == 1 and partial.verdict is Verdict.TOO_FEW
 
 
 def test_times_to_target_on_mean_curves() -> None:

@@ -1,0 +1,408 @@
+"""The study (issue 17): campaign runs read back, per-arm outcomes, verdicts per benchmark.
+
+A campaign run is a run folder whose ``tuning`` record names a ``study`` (the benchmark of the
+campaign, e.g. ``mnist_ae_small``); its *arm* is ``tuning.arm`` when its preset tunes one
+optimizer, else its optimizer preset (the first-order preset tunes SGD and Adam together).
+Tuning-stage runs show the budget spent; final-stage runs (the winners on fresh seeds) are the
+evidence. The metric of every claim is the papers' train loss: the final epoch's running mean of
+the train-mode mini-batch losses (``train_running_loss``; computed from metrics_steps.parquet for
+runs recorded before the column existed). A final run enters a claim only when it completed and
+*learned* (its final running loss at least ``LEARNED_MARGIN`` below the trivial baseline, the
+best constant predictor); every other final run is listed with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from analyze.stats import Comparison, Judged, compare_paired, judge
+from core.likelihood import Likelihood
+from datasets import load_dataset
+from suite.metrics import learned, running_means_from_steps, trivial_baseline
+from suite.store import RunStatus, find_run_folders
+from suite.train import split_targets
+
+FINAL_STAGE = "final"
+TUNE_STAGE = "tune"
+EXTENSION_STAGE = "extension"  # a trial beyond a winner's grid edge: reported, never selected
+MULTI_OPTIMIZER_ARM = "first_order"  # a preset that tunes several optimizers: arm = optimizer
+
+
+@dataclass(frozen=True)
+class ComparisonSpec:
+    """A comparison the study asks on every benchmark that has both arms: A vs B."""
+
+    label: str
+    a: str
+    b: str
+
+
+COMPARISONS = (
+    ComparisonSpec("two-level (paper) vs K-FAC", "kfac2", "kfac"),
+    ComparisonSpec("K-FAC vs Adam", "kfac", "adam"),
+    ComparisonSpec("K-FAC vs SGD", "kfac", "sgd"),
+    ComparisonSpec("two-level accumulate vs rebuild", "kfac2_accumulate", "kfac2"),
+    ComparisonSpec("two-level (Koroko exact) vs K-FAC", "kfac2_exact", "kfac"),
+)
+ARM_ORDER = ("sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_exact")
+ARM_NAMES = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "kfac": "K-FAC",
+    "kfac2": "two-level K-FAC (paper, rebuild)",
+    "kfac2_accumulate": "two-level K-FAC (paper, authors' accumulating coarse matrix)",
+    "kfac2_exact": "two-level K-FAC (Koroko: Nicolaides, exact coarse Fisher)",
+}
+
+
+@dataclass(frozen=True)
+class EpochCurve:
+    """Per-epoch running train loss of a run, with the step and wall-clock at each epoch's end."""
+
+    epochs: np.ndarray
+    steps: np.ndarray
+    wall_s: np.ndarray
+    running_loss: np.ndarray
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """One campaign run, read back with the numbers the study uses."""
+
+    path: Path
+    run_id: str
+    study: str
+    arm: str
+    stage: str
+    seed: int
+    status: str
+    sweep_id: str
+    hyperparameters: dict[str, Any]
+    grid: dict[str, list[Any]]
+    code_version: str
+    data_variant: str
+    model: str
+    final_running_loss: float  # NaN when unknown
+    final_running_loss_per_output: float
+    final_val_loss: float
+    final_test_loss: float
+    baseline_train_loss: float
+    baseline_predictor: str
+    learned: bool
+    wall_clock_s: float
+    curve: EpochCurve = field(repr=False)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the run may enter a claim: completed and learned."""
+        return self.status == RunStatus.COMPLETED.value and self.learned
+
+    def exclusion_reason(self) -> str | None:
+        """Why the run is left out of claims (None when it is not)."""
+        if self.status != RunStatus.COMPLETED.value:
+            return f"status {self.status}"
+        if not self.learned:
+            return (
+                f"did not learn: final running loss {self.final_running_loss:.4g} vs "
+                f"baseline {self.baseline_train_loss:.4g}"
+            )
+        return None
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@cache
+def _computed_baseline(model_yaml: str, data_yaml: str) -> tuple[float, str]:
+    """Trivial baseline for runs recorded before the summary carried it (data -> loss)."""
+    model = yaml.safe_load(model_yaml)
+    data = yaml.safe_load(data_yaml)
+    bundle = load_dataset(
+        str(model["dataset"]),
+        OmegaConf.create(data),
+        device=torch.device("cpu"),
+        seed=0,
+        task=model.get("task"),
+    )
+    autoencoder = model.get("task") == "autoencoder"
+    targets = {"train": split_targets(bundle.train, autoencoder=autoencoder)}
+    baseline = trivial_baseline(
+        Likelihood(model["likelihood"]),
+        targets,
+        autoencoder=autoencoder,
+        classes=int(model.get("num_classes") or 0),
+    )
+    return baseline.losses["train"], baseline.predictor
+
+
+def _baseline(summary: dict[str, Any], config: dict[str, Any]) -> tuple[float, str]:
+    recorded = summary.get("baseline_train_loss")
+    if recorded is not None:
+        return float(recorded), str(summary.get("baseline_predictor") or "")
+    return _computed_baseline(
+        yaml.safe_dump(config["model"], sort_keys=True),
+        yaml.safe_dump(config["data"], sort_keys=True),
+    )
+
+
+def _curve(path: Path) -> EpochCurve:
+    """Per-epoch running loss: the recorded column if present, else from the step losses."""
+    evals = pd.read_parquet(path / "metrics_evals.parquet")
+    steps = pd.read_parquet(path / "metrics_steps.parquet")
+    evals = evals[evals["step"] > 0].sort_values("step")
+    if "train_running_loss" in evals.columns and evals["train_running_loss"].notna().all():
+        running = evals["train_running_loss"].to_numpy(float)
+    else:
+        running = np.asarray(
+            running_means_from_steps(steps, [int(s) for s in evals["step"]]), dtype=float
+        )
+    return EpochCurve(
+        epochs=evals["epoch"].to_numpy(float),
+        steps=evals["step"].to_numpy(int),
+        wall_s=evals["wall_time_s"].to_numpy(float),
+        running_loss=running,
+    )
+
+
+def _arm(summary: dict[str, Any]) -> str:
+    tuning = summary["tuning"]
+    arm = str(tuning.get("arm") or summary.get("optimizer"))
+    grids = tuning.get("grid") or {}
+    return str(summary.get("optimizer")) if arm == MULTI_OPTIMIZER_ARM or len(grids) > 1 else arm
+
+
+def read_study_run(path: Path) -> StudyRun | None:
+    """A campaign run (None when the folder is not one or cannot be read)."""
+    try:
+        summary = json.loads((path / "summary.json").read_text())
+        tuning = summary.get("tuning")
+        if not isinstance(tuning, dict) or not tuning.get("study"):
+            return None
+        config = yaml.safe_load((path / "config.yaml").read_text())
+        curve = _curve(path)
+    except (OSError, ValueError, KeyError, yaml.YAMLError):
+        return None
+    arm = _arm(summary)
+    baseline, predictor = _baseline(summary, config)
+    running = float(curve.running_loss[-1]) if curve.running_loss.size else math.nan
+    complete = summary.get("status") == RunStatus.COMPLETED.value
+    recorded_learned = summary.get("learned")
+    outputs = _float(summary.get("final_train_loss")) / _float(
+        summary.get("final_train_loss_per_output")
+    )
+    grid = (tuning.get("grid") or {}).get(str(summary.get("optimizer"))) or {}
+    hyper = summary.get("hyperparameters") or {}
+    return StudyRun(
+        path=path,
+        run_id=str(summary["run_id"]),
+        study=str(tuning["study"]),
+        arm=arm,
+        stage=str(tuning.get("stage") or TUNE_STAGE),
+        seed=int(summary["seed"]),
+        status=str(summary.get("status")),
+        sweep_id=str(summary.get("sweep_id")),
+        hyperparameters={k: hyper.get(k) for k in grid},
+        grid={str(k): list(v) for k, v in grid.items()},
+        code_version=str(summary.get("code_version") or "unknown")[:7],
+        data_variant=str(summary.get("data_variant")),
+        model=str(summary.get("model")),
+        final_running_loss=running,
+        final_running_loss_per_output=running / outputs if outputs else math.nan,
+        final_val_loss=_float(summary.get("final_val_loss")),
+        final_test_loss=_float(summary.get("final_test_loss")),
+        baseline_train_loss=baseline,
+        baseline_predictor=predictor,
+        learned=bool(recorded_learned)
+        if recorded_learned is not None
+        else bool(complete and learned(running, baseline)),
+        wall_clock_s=_float(summary.get("wall_clock_s")),
+        curve=curve,
+    )
+
+
+def load_study(roots: Sequence[Path]) -> list[StudyRun]:
+    """Every campaign run under ``roots``, sorted by study, arm, stage, seed, run id."""
+    runs = []
+    for root in roots:
+        for path in find_run_folders(Path(root)):
+            run = read_study_run(path)
+            if run is not None:
+                runs.append(run)
+    return sorted(runs, key=lambda r: (r.study, arm_rank(r.arm), r.stage, r.seed, r.run_id))
+
+
+def arm_rank(arm: str) -> tuple[int, str]:
+    """Sort key of an arm: the report's order, unknown arms last by name."""
+    return (ARM_ORDER.index(arm) if arm in ARM_ORDER else len(ARM_ORDER), arm)
+
+
+# -------------------------------------------------------------------------------- per arm
+@dataclass(frozen=True)
+class TuningOutcome:
+    """The tuning stage of one arm: trials spent, the winner, and whether it sits on an edge."""
+
+    arm: str
+    trials: int
+    budget_grid: dict[str, list[Any]]
+    winner: dict[str, Any]
+    winner_val_loss: float
+    on_edge: tuple[str, ...]  # grid axes (with > 1 value) whose winning value is an end point
+    distinct: int  # distinct final validation losses among the trials (ties: same trajectory)
+
+
+def tuning_outcome(runs: Sequence[StudyRun], arm: str) -> TuningOutcome | None:
+    """Lowest final validation loss among the arm's completed tuning trials (ties: run id)."""
+    trials = [r for r in runs if r.arm == arm and r.stage == TUNE_STAGE]
+    if not trials:
+        return None
+    done = [r for r in trials if r.status == RunStatus.COMPLETED.value]
+    done = [r for r in done if math.isfinite(r.final_val_loss)]
+    best = min(done, key=lambda r: (r.final_val_loss, r.run_id)) if done else None
+    grid = trials[0].grid
+    edges: tuple[str, ...] = ()
+    if best is not None:
+        edges = tuple(
+            k
+            for k, values in grid.items()
+            if len(values) > 1 and best.hyperparameters.get(k) in (min(values), max(values))
+        )
+    return TuningOutcome(
+        arm=arm,
+        trials=len(trials),
+        budget_grid=grid,
+        winner={} if best is None else dict(best.hyperparameters),
+        winner_val_loss=math.nan if best is None else best.final_val_loss,
+        on_edge=edges,
+        distinct=len({r.final_val_loss for r in trials}),
+    )
+
+
+@dataclass(frozen=True)
+class ArmOutcome:
+    """Final-stage (fresh-seed) runs of one arm: usable values by seed and the excluded runs."""
+
+    arm: str
+    runs: tuple[StudyRun, ...]
+
+    @property
+    def usable(self) -> tuple[StudyRun, ...]:
+        """Runs that enter claims."""
+        return tuple(r for r in self.runs if r.usable)
+
+    @property
+    def excluded(self) -> tuple[StudyRun, ...]:
+        """Runs left out of claims (not completed or did not learn)."""
+        return tuple(r for r in self.runs if not r.usable)
+
+    def by_seed(self, metric: str = "final_running_loss") -> dict[int, float]:
+        """Usable values of ``metric`` by seed (latest run of a seed wins)."""
+        return {r.seed: float(getattr(r, metric)) for r in self.usable}
+
+
+def arm_outcomes(runs: Sequence[StudyRun], study: str) -> dict[str, ArmOutcome]:
+    """Final-stage runs of a study, per arm, in the report's arm order."""
+    finals = [r for r in runs if r.study == study and r.stage == FINAL_STAGE]
+    arms = sorted({r.arm for r in finals}, key=arm_rank)
+    return {a: ArmOutcome(a, tuple(r for r in finals if r.arm == a)) for a in arms}
+
+
+# ---------------------------------------------------------------------------- time to target
+@dataclass(frozen=True)
+class TimeToTarget:
+    """Steps and wall-clock until a run's per-epoch running loss first reaches the target."""
+
+    reached: int
+    n: int
+    median_steps: float  # over the runs that reached it; NaN when none did
+    median_wall_s: float
+
+
+def study_target(outcomes: dict[str, ArmOutcome]) -> tuple[float, str]:
+    """One target per benchmark: the best first-order arm's mean final running loss."""
+    candidates = []
+    for arm in ("sgd", "adam"):
+        if arm in outcomes and outcomes[arm].usable:
+            values = [r.final_running_loss for r in outcomes[arm].usable]
+            candidates.append((float(np.mean(values)), arm))
+    if not candidates:
+        return math.nan, ""
+    return min(candidates)
+
+
+def time_to_target(outcome: ArmOutcome, target: float) -> TimeToTarget:
+    """Per usable run: the first epoch end with running loss ≤ target; medians over reachers."""
+    steps, walls = [], []
+    for run in outcome.usable:
+        hits = np.flatnonzero(run.curve.running_loss <= target)
+        if hits.size:
+            steps.append(float(run.curve.steps[hits[0]]))
+            walls.append(float(run.curve.wall_s[hits[0]]))
+    n = len(outcome.usable)
+    return TimeToTarget(
+        reached=len(steps),
+        n=n,
+        median_steps=float(np.median(steps)) if steps else math.nan,
+        median_wall_s=float(np.median(walls)) if walls else math.nan,
+    )
+
+
+# -------------------------------------------------------------------------------- verdicts
+@dataclass(frozen=True)
+class StudyVerdictRow:
+    """One judged comparison of one benchmark."""
+
+    study: str
+    spec: ComparisonSpec
+    judged: Judged
+    usable_a: tuple[int, int]  # (runs that learned, final runs) of arm A
+    usable_b: tuple[int, int]
+
+
+def comparisons_of(
+    runs: Sequence[StudyRun],
+) -> list[tuple[str, ComparisonSpec, Comparison, dict[str, ArmOutcome]]]:
+    """Every comparison of ``COMPARISONS`` whose two arms both have final runs, per study."""
+    out = []
+    for study in sorted({r.study for r in runs}):
+        outcomes = arm_outcomes(runs, study)
+        for spec in COMPARISONS:
+            if spec.a in outcomes and spec.b in outcomes:
+                comparison = compare_paired(
+                    spec.label,
+                    spec.a,
+                    spec.b,
+                    outcomes[spec.a].by_seed(),
+                    outcomes[spec.b].by_seed(),
+                )
+                out.append((study, spec, comparison, outcomes))
+    return out
+
+
+def _counts(outcome: ArmOutcome) -> tuple[int, int]:
+    return len(outcome.usable), len(outcome.runs)
+
+
+def study_verdicts(runs: Sequence[StudyRun]) -> list[StudyVerdictRow]:
+    """All comparisons reported together, Holm-corrected as one family, with their verdicts."""
+    found = comparisons_of(runs)
+    judged = judge([c for _, _, c, _ in found])
+    return [
+        StudyVerdictRow(s, spec, j, _counts(o[spec.a]), _counts(o[spec.b]))
+        for (s, spec, _, o), j in zip(found, judged, strict=True)
+    ]

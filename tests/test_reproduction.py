@@ -1,0 +1,149 @@
+"""`make report`: the study's generated report and README section (analyze/reproduction.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from analyze.reproduction import (
+    BEGIN,
+    END,
+    generated_files,
+    render_report,
+    render_summary,
+    replace_section,
+)
+from analyze.study import load_study
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = 200.0
+EPOCHS = 3
+STEPS_PER_EPOCH = 4
+
+
+def write_run(
+    root: Path,
+    *,
+    arm: str,
+    optimizer: str,
+    seed: int,
+    final: float,
+    stage: str = "final",
+    status: str = "completed",
+    val: float | None = None,
+    lr: float = 0.1,
+) -> None:
+    """A run folder as the trainer writes it, the last epoch's mini-batch losses all ``final``."""
+    run_id = f"{arm}_{stage}_s{seed}_lr{lr}"
+    path = root / run_id
+    path.mkdir(parents=True)
+    steps = np.arange(1, EPOCHS * STEPS_PER_EPOCH + 1)
+    epoch_of = (steps - 1) // STEPS_PER_EPOCH
+    losses = np.where(epoch_of == EPOCHS - 1, final, BASELINE * (1.0 - 0.02 * (epoch_of + 1)))
+    pd.DataFrame(
+        {
+            "step": steps,
+            "epoch": steps / STEPS_PER_EPOCH,
+            "batch_loss": losses,
+            "wall_time_s": steps * 0.5,
+        }
+    ).to_parquet(path / "metrics_steps.parquet")
+    eval_steps = np.arange(0, EPOCHS + 1) * STEPS_PER_EPOCH
+    pd.DataFrame(
+        {
+            "step": eval_steps,
+            "epoch": eval_steps / STEPS_PER_EPOCH,
+            "wall_time_s": eval_steps * 0.5,
+            "train_loss": final,
+            "test_loss": final + 1.0,
+        }
+    ).to_parquet(path / "metrics_evals.parquet")
+    grid = {optimizer: {"lr": [0.1, 0.3]}}
+    summary = {
+        "run_id": run_id,
+        "seed": seed,
+        "status": status,
+        "model": "mnist_ae",
+        "optimizer": optimizer,
+        "data_variant": "mnist-5k",
+        "sweep_id": f"{arm}-{stage}",
+        "hyperparameters": {"lr": lr},
+        "code_version": "abcdef0123",
+        "final_train_loss": final,
+        "final_train_loss_per_output": final / 784,
+        "final_val_loss": final if val is None else val,
+        "final_test_loss": final + 1.0,
+        "wall_clock_s": 6.0,
+        "baseline_train_loss": BASELINE,
+        "baseline_predictor": "mean image (bernoulli)",
+        "tuning": {"study": "toy_study", "arm": arm, "stage": stage, "grid": grid, "budget": 2},
+    }
+    (path / "summary.json").write_text(json.dumps(summary))
+    (path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "mnist_ae"}}))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    root = tmp_path / "results"
+    offsets = [0.3, -0.2, 0.5, 0.1, -0.1, 0.4, 0.2, 0.0]
+    for seed in range(1, 9):
+        kfac = 100.0 + offsets[seed - 1]
+        write_run(root, arm="kfac", optimizer="kfac", seed=seed, final=kfac)
+        write_run(root, arm="kfac2", optimizer="kfac2", seed=seed, final=kfac - 0.01 * (seed % 3))
+        write_run(root, arm="adam", optimizer="adam", seed=seed, final=150.0 + offsets[seed - 1])
+    # SGD seed 8 does not learn: 199 is not 5 % below the baseline 200
+    for seed in range(1, 9):
+        write_run(root, arm="sgd", optimizer="sgd", seed=seed, final=199.0 if seed == 8 else 180.0)
+    for lr, val in ((0.1, 101.0), (0.3, 99.0)):
+        write_run(
+            root, arm="kfac", optimizer="kfac", seed=0, final=val, stage="tune", lr=lr, val=val
+        )
+    write_run(root, arm="kfac", optimizer="kfac", seed=0, final=98.0, stage="extension", lr=0.9)
+    return root
+
+
+def test_verdicts_from_a_hand_made_store(store: Path) -> None:
+    runs = load_study([store])
+    report = render_report(runs)
+    # K-FAC beats Adam and SGD on all 8 (7) pairs: exact p 2/256 (2/128), Holm over 3 rows
+    assert "| toy_study | K-FAC vs Adam | 8/8, 8/8 | 8 |" in report
+    # the SGD run that did not learn is out of the pairs
+    assert "| toy_study | K-FAC vs SGD | 8/8, 7/8 | 7 |" in report
+    lines = {
+        line.split("|")[2].strip(): line for line in report.splitlines() if "toy_study |" in line
+    }
+    assert lines["K-FAC vs Adam"].rstrip().endswith("**better** |")
+    assert "0.0234" in lines["K-FAC vs Adam"]  # Holm: 3 × 2/256
+    assert lines["K-FAC vs SGD"].rstrip().endswith("**better** |")
+    # two-level within 0.02 of K-FAC on every seed: equivalent within ±1 % of K-FAC's mean
+    assert "equivalent within ±1.002" in lines["two-level (paper) vs K-FAC"]
+    assert "did not learn: final running loss 199" in report
+    assert "- toy_study, K-FAC vs Adam: **better** (8 pairs, A − B = -50" in report
+    assert "| K-FAC | lr {0.1, 0.3} | 2 | 2 | lr 0.3 | 99 | lr |" in report  # winner on the edge
+    # a trial beyond the edge is reported beside the winner, not counted in the budget
+    assert "- K-FAC: lr 0.9 → final val loss 98 (the selected winner: 99)" in report
+
+
+def test_summary_section_round_trip(store: Path, tmp_path: Path) -> None:
+    runs = load_study([store])
+    section = render_summary(runs)
+    text = f"intro\n{BEGIN}\nold numbers\n{END}\noutro\n"
+    replaced = replace_section(text, section, where="x")
+    assert replaced.startswith(f"intro\n{BEGIN}\n{section}")
+    assert replaced.endswith(f"{END}\noutro\n")
+    assert "old numbers" not in replaced
+    assert replace_section(replaced, section, where="x") == replaced  # idempotent
+    with pytest.raises(ValueError, match="markers"):
+        replace_section("no markers here", section, where="README.md")
+
+
+def test_committed_readme_and_reports_match_the_stored_results() -> None:
+    """The README's generated section, docs/study.md and docs/report.md are current."""
+    files = generated_files([REPO / "results" / "reference"], REPO)
+    stale = [str(p.relative_to(REPO)) for p, text in files.items() if p.read_text() != text]
+    assert not stale, f"stale generated files (run `make report`): {stale}"
