@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from core.likelihood import Likelihood
 from optimizers.curvature import KFACBlock, ema_decay, make_block
+from optimizers.distributed import DataParallel, data_parallel_for
 from optimizers.enums import DampingMode, FisherType, parse_enum
 
 # Bounds of the adaptively adjusted damping λ.
@@ -186,6 +187,17 @@ class KFAC(torch.optim.Optimizer):
         self._pending_generator: tuple[str, Tensor] | None = None
         self.last_nu: Tensor | None = None
         self.last_rho: float | None = None
+        # Data-parallel strategy (optimizers.distributed) when torch.distributed runs several
+        # ranks; None in a single process. Refuses an unwrapped model or unsupported settings.
+        self.data_parallel: DataParallel | None = data_parallel_for(
+            model, what=type(self).__name__, unsupported=self.data_parallel_unsupported()
+        )
+
+    def data_parallel_unsupported(self) -> list[str]:
+        """Settings that read rank-local data and so cannot run data-parallel (empty: none)."""
+        if self.adaptive_damping:
+            return ["adaptive_damping=true (its reduction ratio compares rank-local losses)"]
+        return []
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -271,6 +283,8 @@ class KFAC(torch.optim.Optimizer):
         block.save_output_grad(grad, rows=rows, scale=batch)
 
     def _mc_generator(self, device: torch.device) -> torch.Generator:
+        if self.data_parallel is not None:  # per-rank stream, seeded by (seed, rank, stats step)
+            return self.data_parallel.mc_generator(self, device)
         gen = self._generator
         if gen is not None and gen.device == device:
             return gen
@@ -382,10 +396,13 @@ class KFAC(torch.optim.Optimizer):
 
     def update_inverses(self) -> None:
         """Recompute every block's damped inverse from its current factors."""
-        retries = 0
-        for block in self.blocks:
-            if block.num_updates > 0:
-                retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
+        if self.data_parallel is not None:
+            retries = self.data_parallel.update_inverses(self)
+        else:
+            retries = 0
+            for block in self.blocks:
+                if block.num_updates > 0:
+                    retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
         self._note_retries(retries)
         self.counters.inverse_updates += 1
 
@@ -434,7 +451,10 @@ class KFAC(torch.optim.Optimizer):
         """One K-FAC step; returns the closure's loss after the update on damping steps."""
         if self.is_stats_step:
             self._check_captured()
-            self.update_statistics()
+            if self.data_parallel is not None:  # local fold, then averaged over the ranks
+                self.data_parallel.update_statistics(self)
+            else:
+                self.update_statistics()
             self.release_statistics()
         self._outputs = {}
         if self.is_inverse_step or any(

@@ -192,6 +192,26 @@ class TwoLevelKFAC(KFAC):
             f"ω1={self.omega1:g}, ω2={self.omega2:g}"
         )
 
+    def data_parallel_unsupported(self) -> list[str]:
+        """K-FAC's, plus coarse levels that read the rank-local latest batch."""
+        out = super().data_parallel_unsupported()
+        if self.coarse_active and self.coarse_space is not CoarseSpace.nicolaides:
+            out.append(f"coarse_space={self.coarse_space.value} (only nicolaides)")
+        if self.coarse_active and self.combination is not Combination.additive:
+            out.append(f"combination={self.combination.value} (only additive)")
+        return out
+
+    def coarse_running_statistics(self) -> tuple[list[Tensor | None], list[tuple[int, ...]]]:
+        """The Nicolaides running coarse statistics (None before the first) and their shapes.
+
+        Read and overwritten in place by the data-parallel reduction (optimizers.distributed).
+        """
+        size = len(self.blocks)
+        if self.coarse_fisher is CoarseFisher.kron:
+            moments = self._moments or (None, None)
+            return list(moments), [(size, size), (size, size)]
+        return [self._exact_fisher], [(size, size)]
+
     # ------------------------------------------------------------------ curvature stages
     def layer_stats(self) -> list[LayerStats] | None:
         """Captured (ā, g) of every block (latest statistics step); None if any is missing."""
