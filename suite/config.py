@@ -14,6 +14,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from datasets.config import DataConfig
+from optimizers.distributed import InverseStrategy
+from suite.distributed import Launch
 
 
 class DeviceChoice(str, Enum):
@@ -68,6 +70,9 @@ class TrainerConfig:
     diverge_loss: float = 1.0e8  # a batch loss above this (or non-finite) marks divergence
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
+    distributed: Launch = Launch.none  # none | auto | torchrun | slurm (suite/distributed.py)
+    # K-FAC over several ranks: inverses on every rank (redundant) or split and broadcast
+    distributed_inverses: InverseStrategy = InverseStrategy.redundant
 
 
 @dataclass

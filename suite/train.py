@@ -24,6 +24,7 @@ from core.likelihood import Likelihood
 from datasets import DataBundle, Split, load_dataset
 from models import build_model
 from optimizers.registry import build_optimizer, family_of
+from suite import distributed
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.environment import code_version, collect_environment
 from suite.store import RunFolder, RunRecord, RunStatus, new_run_id, utc_now
@@ -158,6 +159,7 @@ class Trainer:
         self.cfg = cfg
         self.ctx = ctx
         self.stop = StopRequested()
+        self.ranks_agree: bool | None = None  # parameters identical on every rank at the end
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -165,7 +167,8 @@ class Trainer:
         validate_config(cfg)
         if cfg.trainer.threads is not None:
             torch.set_num_threads(int(cfg.trainer.threads))
-        self.device = resolve_device(str(_value(cfg.trainer.device)))
+        self.ranks = distributed.resolve_ranks(_value(cfg.trainer.distributed))
+        self.device = distributed.start(self.ranks, resolve_device(str(_value(cfg.trainer.device))))
         self.dtype = torch.float64 if _value(cfg.trainer.dtype) == "float64" else torch.float32
         self.likelihood = Likelihood(_value(cfg.model.likelihood))
         self.family = family_of(cfg.optimizer)
@@ -185,10 +188,13 @@ class Trainer:
                 f"got {cfg.trainer.batch_size}; allowed: at most the {self.data.train.x.shape[0]} "
                 f"training examples of {self.data.variant}",
             )
+        self.local_rows = distributed.local_slice(self.ranks, int(cfg.trainer.batch_size))
         torch.manual_seed(seed)
         self.model = build_model(cfg.model).to(device=self.device, dtype=self.dtype)
         self._check_model_fits()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.train_model = distributed.wrap_model(self.ranks, self.model)  # DDP with several ranks
+        self.optimizer = build_optimizer(self.train_model, cfg.optimizer)
+        distributed.set_inverse_strategy(self.optimizer, _value(cfg.trainer.distributed_inverses))
         describe = getattr(self.optimizer, "describe", None)
         self.optimizer_description = (
             describe() if callable(describe) else type(self.optimizer).__name__
@@ -246,6 +252,7 @@ class Trainer:
             status = folder.read_summary().get("status")
             if status == RunStatus.COMPLETED.value:
                 raise ConfigError("trainer.resume", f"run '{resume_from}' is already completed")
+            distributed.check_resume_ranks(folder.read_summary(), self.ranks)
             return folder, True
         root = Path(str(cfg.results.root))
         check_writable(root)
@@ -284,6 +291,8 @@ class Trainer:
             },
             "seed": int(cfg.trainer.seed),
             "batch_size": int(cfg.trainer.batch_size),
+            "world_size": self.ranks.world,
+            "ranks_identical_params": self.ranks_agree,
             "device": str(self.device),
             "likelihood": self.likelihood.value,
             "loss_reduction": LOSS_REDUCTION,
@@ -307,6 +316,8 @@ class Trainer:
         return summary
 
     def _write(self, status: RunStatus, **extra: Any) -> dict[str, Any]:
+        if not self.ranks.is_main:  # only rank 0 writes
+            return {}
         self.folder.write_metrics(self.record)
         summary = self._summary(status, **extra)
         self.folder.write_summary(summary)
@@ -314,6 +325,8 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def _evaluate(self) -> None:
+        if not self.ranks.is_main:  # rank 0 evaluates and records
+            return
         row: dict[str, float] = {
             "step": self.progress.step,
             "epoch": self.progress.step / self.steps_per_epoch,
@@ -340,7 +353,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _step(self, x: Tensor, target: Tensor) -> float:
-        model, optimizer, likelihood = self.model, self.optimizer, self.likelihood
+        model, optimizer, likelihood = self.train_model, self.optimizer, self.likelihood
         optimizer.zero_grad(set_to_none=True)
         if self.family.curvature:
             with optimizer.capture():  # type: ignore[attr-defined]
@@ -359,12 +372,17 @@ class Trainer:
             loss = likelihood.nll(output, target)
             loss.backward()
             optimizer.step()
-        value = float(loss.detach())
+        asked = self.stop.signal is not None
+        value, stop = distributed.agree(self.ranks, float(loss.detach()), asked)
+        if stop and self.stop.signal is None:  # another rank was asked to stop: stop together
+            self.stop.signal = signal.SIGTERM
         if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
             raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
         return value
 
     def _checkpoint(self) -> None:
+        if not self.ranks.is_main:  # the state is held once, by rank 0
+            return
         save_checkpoint(
             self.folder.checkpoint_path,
             model=self.model,
@@ -377,6 +395,8 @@ class Trainer:
         self._last_checkpoint_step = self.progress.step
 
     def _checkpoint_due(self) -> bool:
+        if not self.ranks.is_main:
+            return False
         t = self.cfg.trainer
         if (
             t.checkpoint_every_steps is not None
@@ -390,7 +410,14 @@ class Trainer:
     def run(self) -> RunStatus:
         """Train to the end, a divergence or a stop signal; returns the final status."""
         self._setup()
-        self.folder, resumed = self._open_folder()
+        if not self.ranks.is_main:
+            return self._follow()
+        try:
+            self.folder, resumed = self._open_folder()
+        except ConfigError as err:
+            distributed.share(self.ranks, err)  # the other ranks stop with the same error
+            raise
+        distributed.share(self.ranks, (str(self.folder.path), resumed))
         self.started_at = utc_now()
         self.record = RunRecord()
         self.progress = Progress()
@@ -424,6 +451,7 @@ class Trainer:
         try:
             with self.stop.installed():
                 status = self._train()
+            self.ranks_agree = distributed.params_agree(self.ranks, self.model)
         except RunDiverged as err:
             status = RunStatus.DIVERGED
             summary = self._write(
@@ -436,7 +464,9 @@ class Trainer:
             return status
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            interrupted = isinstance(err, KeyboardInterrupt)
+            interrupted = isinstance(err, KeyboardInterrupt) or distributed.is_peer_failure(
+                self.ranks, err
+            )
             status = RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED
             self.logger.finish(self._write(status, error=f"{type(err).__name__}: {message}"))
             raise
@@ -454,6 +484,30 @@ class Trainer:
         summary = self._write(RunStatus.COMPLETED, finished_at=utc_now())
         self.logger.finish(summary)
         return RunStatus.COMPLETED
+
+    def _follow(self) -> RunStatus:
+        """A rank other than 0: train in step with rank 0, write nothing."""
+        shared = distributed.share(self.ranks, None)
+        if isinstance(shared, ConfigError):
+            raise shared
+        path, resumed = shared
+        self.folder = RunFolder(Path(path))
+        self.record, self.progress = RunRecord(), Progress()
+        if resumed:
+            self.progress, self.record = load_checkpoint(
+                self.folder.checkpoint_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+            )
+        try:
+            with self.stop.installed():
+                status = self._train()
+            distributed.params_agree(self.ranks, self.model)
+            return status
+        except RunDiverged:
+            return RunStatus.DIVERGED
 
     def _train(self) -> RunStatus:
         cfg = self.cfg.trainer
@@ -477,6 +531,7 @@ class Trainer:
                 epoch_done = False
                 while not epoch_done and p.step < self.total_steps:
                     idx = order[p.batch_in_epoch * batch : (p.batch_in_epoch + 1) * batch]
+                    idx = idx[self.local_rows]  # this rank's rows of the global batch
                     x, target = train.x[idx], train_targets[idx]
                     start = time.perf_counter()
                     loss = self._step(x, target)
@@ -534,4 +589,7 @@ def _cast(data: DataBundle, dtype: torch.dtype) -> DataBundle:
 def run(cfg: DictConfig, ctx: RunContext) -> RunStatus:
     """Run one job; the entry point that run.py (and tests) call."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    return Trainer(cfg, ctx).run()
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        distributed.stop()

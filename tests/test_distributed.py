@@ -15,23 +15,41 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
+from core.errors import ConfigError
 from core.likelihood import Likelihood
 from optimizers.coarse import LayerStats, nicolaides_moments
 from optimizers.curvature import ema_decay
 from optimizers.distributed import InverseStrategy, assign_blocks, mc_seed
 from optimizers.kfac import KFAC
 from optimizers.twolevel import TwoLevelKFAC
+from suite.distributed import (
+    Launch,
+    Ranks,
+    check_batch,
+    check_resume_ranks,
+    first_slurm_host,
+    resolve_ranks,
+)
+from suite.store import RunStatus, find_run_folders
+from tests.conftest import REPO
 from tests.distributed_harness import (
     D,
     Scenario,
+    free_port,
     global_batch,
     make_model,
     make_optimizer,
@@ -251,3 +269,128 @@ def test_block_assignment_balances_cost() -> None:
     owners = assign_blocks(shapes, ranks=2)
     assert set(owners) == {0, 1}
     assert owners[0] != owners[1]  # the two most expensive blocks go to different ranks
+
+
+# ----------------------------------------------------------------------------- the suite
+
+E2E = [
+    "logger=none",
+    "trainer.progress=false",
+    "trainer.batch_size=100",
+    "trainer.max_steps=4",
+    "trainer.epochs=1",
+    "trainer.eval_every_steps=2",
+    "trainer.eval_batch_size=1000",
+    "trainer.device=cpu",
+    "trainer.dtype=float64",
+    "data.max_train=400",
+    "optimizer.fisher=empirical",  # same targets in both runs (MC draws differ per rank)
+    "optimizer.cov_period=1",
+    "optimizer.inv_period=2",
+]
+# Round-off of the reduction (summation order) amplified through the damped inverses (λ 1e-3).
+E2E_RTOL = 1e-8
+
+
+def _launch_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_NTASKS")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
+    return env
+
+
+@pytest.mark.slow  # two torchrun processes plus a single-process run: ~1 min on an idle machine
+@pytest.mark.parametrize(
+    ("model", "optimizer"), [("mnist_ae", "kfac"), ("cifar10_simple_cnn", "kfac2")]
+)
+def test_torchrun_run_matches_single_process(
+    model: str, optimizer: str, tmp_path: Path, run_job
+) -> None:
+    overrides = [*E2E, f"model={model}", f"optimizer={optimizer}"]
+    root = tmp_path / "dist"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "run.py"), *overrides, "trainer.distributed=torchrun",
+        f"results.root={root}", f"hydra.run.dir={tmp_path / 'hydra'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = find_run_folders(root)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["world_size"] == 2 and summary["ranks_identical_params"] is True
+    status, single = run_job(*overrides, root=tmp_path / "single")
+    assert status is RunStatus.COMPLETED
+    dist_steps = pd.read_parquet(folder / "metrics_steps.parquet")
+    single_steps = pd.read_parquet(single / "metrics_steps.parquet")
+    assert len(dist_steps) == 4
+    assert_close(
+        torch.tensor(dist_steps["batch_loss"].to_numpy()),
+        torch.tensor(single_steps["batch_loss"].to_numpy()),
+        rtol=E2E_RTOL,
+        atol=0,
+    )
+    theirs = torch.load(folder / "checkpoint.pt", weights_only=False)["model"]
+    ours = torch.load(single / "checkpoint.pt", weights_only=False)["model"]
+    for key, value in ours.items():
+        assert_close(theirs[key], value, rtol=E2E_RTOL, atol=E2E_RTOL * float(value.abs().max()))
+
+
+@pytest.mark.slow  # two processes of run.py; one is killed mid-run
+def test_killed_rank_leaves_the_run_interrupted(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    port = free_port()
+    base = [
+        sys.executable, str(REPO / "run.py"), *E2E, "model=mnist_ae", "optimizer=kfac",
+        "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.distributed=auto",
+        f"results.root={root}",
+    ]  # fmt: skip
+    procs = []
+    for rank in range(2):
+        env = _launch_env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        procs.append(subprocess.Popen(
+            [*base, f"hydra.run.dir={tmp_path / f'hydra{rank}'}"], cwd=tmp_path, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ))  # fmt: skip
+    deadline = time.monotonic() + 300
+    summary: dict = {}
+    while time.monotonic() < deadline:  # until rank 0 has recorded a few training steps
+        folders = find_run_folders(root) if root.exists() else []
+        if folders and (folders[0] / "summary.json").exists():
+            summary = json.loads((folders[0] / "summary.json").read_text())
+            if summary.get("steps_completed", 0) >= 2:
+                break
+        try:  # wait on rank 0 a moment: it must not exit before rank 1 is killed
+            procs[0].wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"rank 0 exited early: {procs[0].stderr.read()[-3000:]}")  # type: ignore[union-attr]
+    procs[1].kill()
+    procs[1].wait(timeout=60)
+    code = procs[0].wait(timeout=300)
+    assert code != 0
+    (folder,) = find_run_folders(root)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted", summary.get("error")
+
+
+def test_launch_switch_reads_torchrun_and_slurm_and_refuses_a_mismatch() -> None:
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    slurm = {"SLURM_PROCID": "2", "SLURM_NTASKS": "3", "SLURM_LOCALID": "0"}
+    assert resolve_ranks("torchrun", torchrun) == Ranks(1, 4, 1, Launch.torchrun)
+    assert resolve_ranks("auto", torchrun) == Ranks(1, 4, 1, Launch.torchrun)
+    assert resolve_ranks("slurm", slurm) == Ranks(2, 3, 0, Launch.slurm)
+    assert resolve_ranks("auto", slurm) == Ranks(2, 3, 0, Launch.slurm)
+    assert resolve_ranks("auto", {"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == Ranks()
+    with pytest.raises(ConfigError, match=r"trainer\.distributed: got none but this process"):
+        resolve_ranks("none", torchrun)
+    with pytest.raises(ConfigError, match=r"trainer\.distributed: got slurm but SLURM_PROCID"):
+        resolve_ranks("slurm", {})
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size: got 10 .*multiple of the 4"):
+        check_batch(Ranks(0, 4), 10)
+    with pytest.raises(ConfigError, match=r"trainer\.resume: .* over 2 rank"):
+        check_resume_ranks({"world_size": 2}, Ranks(0, 3))
+    assert first_slurm_host("node[03-05,07],gpu1") == "node03"
+    assert first_slurm_host("gpu1,node[03-05]") == "gpu1"
