@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ class Launch(str, Enum):
     auto = "auto"
     torchrun = "torchrun"
     slurm = "slurm"
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on right now (for single-machine process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -7,7 +7,6 @@ deadline (no fixed sleeps) and re-raises a worker's exception.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,17 +24,11 @@ from core.likelihood import Likelihood
 from optimizers.distributed import InverseStrategy
 from optimizers.kfac import KFAC
 from optimizers.twolevel import TwoLevelKFAC
+from suite.distributed import free_port
 
 D = torch.float64
 GLOBAL_BATCH = 12  # divisible by 2 and 3 ranks
 LIKELIHOOD = Likelihood.categorical
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def spawn(fn: Callable[..., None], world: int, *args: Any, timeout_s: float = 120.0) -> None:

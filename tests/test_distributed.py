@@ -42,6 +42,7 @@ from suite.distributed import (
     check_batch,
     check_resume_ranks,
     first_slurm_host,
+    free_port,
     resolve_ranks,
 )
 from suite.store import RunStatus, find_run_folders
@@ -49,7 +50,6 @@ from tests.conftest import REPO
 from tests.distributed_harness import (
     D,
     Scenario,
-    free_port,
     global_batch,
     make_model,
     make_optimizer,
@@ -300,12 +300,13 @@ def _launch_env() -> dict[str, str]:
 
 @pytest.mark.slow  # two torchrun processes plus a single-process run: ~1 min on an idle machine
 @pytest.mark.parametrize(
-    ("model", "optimizer"), [("mnist_ae", "kfac"), ("cifar10_simple_cnn", "kfac2")]
+    ("model", "optimizer", "data"),
+    [("mnist_ae", "kfac", "auto"), ("cifar10_simple_cnn", "kfac2", "offline")],
 )
 def test_torchrun_run_matches_single_process(
-    model: str, optimizer: str, tmp_path: Path, run_job
+    model: str, optimizer: str, data: str, tmp_path: Path, run_job
 ) -> None:
-    overrides = [*E2E, f"model={model}", f"optimizer={optimizer}"]
+    overrides = [*E2E, f"model={model}", f"optimizer={optimizer}", f"data.source={data}"]
     root = tmp_path / "dist"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
