@@ -10,7 +10,7 @@ identical on all ranks, or the ranks drift apart silently:
   statistics into the running averages with the optimizer's own code, then the running
   statistics (every block's A and G, the coarse level's running statistics) are averaged over
   the ranks, weighted by the number of statistics rows of each rank, in ONE bucketed all-reduce
-  (one flat buffer per dtype). Because every fold is affine in the batch statistics
+  (one flat buffer in the widest factor dtype). Because every fold is affine in the batch statistics
   (S' = ε S + (1 − ε) Ŝ) and every rank starts from the same S, the average of the folded S'_r
   is exactly ε S + (1 − ε) Σ_r w_r Ŝ_r: the running statistics of the global batch (up to
   round-off). The same buffer carries one flag per (rank, block/coarse level) saying whether the
@@ -174,7 +174,8 @@ class DataParallel:
         folded = [int(a != b) for a, b in zip(self._counts(optimizer), before, strict=True)]
         rows = self._rows(optimizer)
         units = self._units(optimizer)
-        dtype = optimizer.blocks[0].factor_dtype if optimizer.blocks else torch.float32
+        wide = any(block.factor_dtype == torch.float64 for block in optimizer.blocks)
+        dtype = torch.float64 if wide else torch.float32  # the widest factor dtype
         device = optimizer.blocks[0].A.device if optimizer.blocks else torch.device("cpu")
         sizes = [sum(math.prod(s) for s in shapes) for _, shapes in units]
         total = sum(sizes)

@@ -300,13 +300,16 @@ def _launch_env() -> dict[str, str]:
 
 @pytest.mark.slow  # two torchrun processes plus a single-process run: ~1 min on an idle machine
 @pytest.mark.parametrize(
-    ("model", "optimizer", "data"),
-    [("mnist_ae", "kfac", "auto"), ("cifar10_simple_cnn", "kfac2", "offline")],
+    "setup",
+    [
+        ["model=mnist_ae", "optimizer=kfac"],
+        # a CNN on generated images (offline)
+        ["model=cifar10_simple_cnn", "model.dataset=synthetic_images", "optimizer=kfac2"],
+    ],
+    ids=["mnist_ae-kfac", "cnn-kfac2"],
 )
-def test_torchrun_run_matches_single_process(
-    model: str, optimizer: str, data: str, tmp_path: Path, run_job
-) -> None:
-    overrides = [*E2E, f"model={model}", f"optimizer={optimizer}", f"data.source={data}"]
+def test_torchrun_run_matches_single_process(setup: list[str], tmp_path: Path, run_job) -> None:
+    overrides = [*E2E, *setup]
     root = tmp_path / "dist"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
