@@ -293,7 +293,10 @@ E2E_RTOL = 1e-8
 
 
 def _launch_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "SLURM_NTASKS")}
+    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {
+        k: v for k, v in os.environ.items() if k not in launch_vars and not k.startswith("SLURM_")
+    }
     env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PYTHONPATH=str(REPO))
     return env
 
@@ -342,18 +345,19 @@ def test_torchrun_run_matches_single_process(setup: list[str], tmp_path: Path, r
 
 @pytest.mark.slow  # two processes of run.py; one is killed mid-run
 def test_killed_rank_leaves_the_run_interrupted(tmp_path: Path) -> None:
+    """Two tasks started as srun would (SLURM_PROCID/NTASKS, node list); rank 1 is killed."""
     root = tmp_path / "runs"
     port = free_port()
     base = [
         sys.executable, str(REPO / "run.py"), *E2E, "model=mnist_ae", "optimizer=kfac",
-        "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.distributed=auto",
+        "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.distributed=slurm",
         f"results.root={root}",
     ]  # fmt: skip
     procs = []
     for rank in range(2):
         env = _launch_env()
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+        env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+                   SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))  # fmt: skip
         procs.append(subprocess.Popen(
             [*base, f"hydra.run.dir={tmp_path / f'hydra{rank}'}"], cwd=tmp_path, env=env,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
