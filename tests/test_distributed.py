@@ -45,7 +45,9 @@ from suite.distributed import (
     free_port,
     resolve_ranks,
 )
+from suite.preflight import compose_with_choices
 from suite.store import RunStatus, find_run_folders
+from suite.train import RunContext, run
 from tests.conftest import REPO
 from tests.distributed_harness import (
     D,
@@ -343,15 +345,19 @@ def test_torchrun_run_matches_single_process(setup: list[str], tmp_path: Path, r
         assert_close(theirs[key], value, rtol=E2E_RTOL, atol=E2E_RTOL * float(value.abs().max()))
 
 
-@pytest.mark.slow  # two processes of run.py; one is killed mid-run
-def test_killed_rank_leaves_the_run_interrupted(tmp_path: Path) -> None:
-    """Two tasks started as srun would (SLURM_PROCID/NTASKS, node list); rank 1 is killed."""
+@pytest.mark.slow  # two processes of run.py; one is killed mid-run, then the run resumed
+def test_killed_rank_leaves_the_run_interrupted_and_resumable(tmp_path: Path) -> None:
+    """Two tasks started as srun would (SLURM_PROCID/NTASKS, node list); rank 1 is killed.
+
+    The run is recorded as interrupted; resuming it on 1 process is refused; on 2 (torchrun) it
+    continues from its checkpoint to completion.
+    """
     root = tmp_path / "runs"
     port = free_port()
     base = [
         sys.executable, str(REPO / "run.py"), *E2E, "model=mnist_ae", "optimizer=kfac",
         "trainer.max_steps=100000", "trainer.epochs=1000", "trainer.distributed=slurm",
-        f"results.root={root}",
+        "trainer.checkpoint_every_steps=2", f"results.root={root}",
     ]  # fmt: skip
     procs = []
     for rank in range(2):
@@ -382,6 +388,23 @@ def test_killed_rank_leaves_the_run_interrupted(tmp_path: Path) -> None:
     (folder,) = find_run_folders(root)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "interrupted", summary.get("error")
+    saved = int(torch.load(folder / "checkpoint.pt", weights_only=False)["progress"]["step"])
+    resume = [*E2E, "model=mnist_ae", "optimizer=kfac", f"trainer.resume={folder}"]
+    cfg, choices = compose_with_choices([*resume, f"results.root={root}"])
+    with pytest.raises(ConfigError, match=r"trainer\.resume: .* over 2 rank"):
+        run(cfg, RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"]))
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(REPO / "run.py"), *resume, f"trainer.max_steps={saved + 2}", "trainer.epochs=1000",
+        "trainer.distributed=torchrun", f"results.root={root}",
+        f"hydra.run.dir={tmp_path / 'hydra_resume'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=_launch_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps_completed"] == saved + 2
+    assert summary["ranks_identical_params"] is True
 
 
 def test_launch_switch_reads_torchrun_and_slurm_and_refuses_a_mismatch() -> None:
