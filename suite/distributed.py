@@ -46,6 +46,7 @@ from optimizers.distributed import InverseStrategy
 
 # How long a collective waits for a peer before failing (a crashed peer usually fails faster).
 COLLECTIVE_TIMEOUT_S = 600
+_STARTED = False  # whether `start` initialised the process group of this process
 
 
 class Launch(str, Enum):
@@ -180,6 +181,7 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
             )
         if "MASTER_PORT" not in os.environ:
             os.environ["MASTER_PORT"] = str(20000 + _int(os.environ, "SLURM_JOB_ID", 0) % 20000)
+    global _STARTED
     dist.init_process_group(
         backend,
         init_method="env://",
@@ -187,13 +189,16 @@ def start(ranks: Ranks, device: torch.device) -> torch.device:
         world_size=ranks.world,
         timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
     )
+    _STARTED = True
     return device
 
 
 def stop() -> None:
-    """Tear the process group down (no-op when there is none)."""
-    if dist.is_available() and dist.is_initialized():
+    """Tear down the process group `start` created (one created by the caller is left alone)."""
+    global _STARTED
+    if _STARTED and dist.is_initialized():
         dist.destroy_process_group()
+    _STARTED = False
 
 
 def check_batch(ranks: Ranks, batch_size: int) -> int:
