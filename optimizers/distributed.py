@@ -114,8 +114,21 @@ class DataParallel:
         self.group = group
         self.rank = int(rank)
         self.world = int(dist.get_world_size(group))
-        self.inverses = InverseStrategy(inverses)
+        self._inverses = InverseStrategy(inverses)
         self.comm = CommStats()
+
+    @property
+    def inverses(self) -> InverseStrategy:
+        """Where the damped inverses are computed (set with an InverseStrategy or its name)."""
+        return self._inverses
+
+    @inverses.setter
+    def inverses(self, value: InverseStrategy | str) -> None:
+        try:
+            self._inverses = InverseStrategy(getattr(value, "value", value))
+        except ValueError:
+            allowed = ", ".join(s.value for s in InverseStrategy)
+            raise ValueError(f"inverses: got {value!r}; allowed: {allowed}") from None
 
     def describe(self) -> str:
         """One line for run descriptions."""

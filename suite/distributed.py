@@ -235,7 +235,7 @@ def set_inverse_strategy(optimizer: Any, choice: InverseStrategy | str) -> None:
     """Apply `trainer.distributed_inverses` to a data-parallel K-FAC optimizer (if any)."""
     strategy = getattr(optimizer, "data_parallel", None)
     if strategy is not None:
-        strategy.inverses = InverseStrategy(getattr(choice, "value", choice))
+        strategy.inverses = choice
 
 
 def agree(ranks: Ranks, loss: float, stop: bool) -> tuple[float, bool]:
