@@ -25,7 +25,8 @@ from bench.problems import Problem
 from core.likelihood import Likelihood
 from optimizers.registry import Family, family_of
 from suite.checkpoint import Progress
-from suite.train import RunDiverged, Trainer
+from suite.distributed import Ranks
+from suite.train import RunDiverged, StopRequested, Trainer
 
 
 class StepClass(str, Enum):
@@ -46,6 +47,9 @@ def trainer_step(
     """`Trainer._step` bound to a Trainer holding just what the step reads."""
     trainer = Trainer.__new__(Trainer)
     trainer.model = model
+    trainer.train_model = model  # one process: the model itself (no DDP wrapper)
+    trainer.ranks = Ranks()
+    trainer.stop = StopRequested()
     trainer.optimizer = optimizer
     trainer.likelihood = likelihood
     trainer.family = family
