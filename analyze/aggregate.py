@@ -167,12 +167,20 @@ def group_evals(results: ResultsSet, key: GroupKey, *, usable: bool) -> pd.DataF
 
 
 def seed_mean(
-    evals: pd.DataFrame, *, key: GroupKey, metric: str, axis: Axis, band: Band
+    evals: pd.DataFrame,
+    *,
+    key: GroupKey,
+    metric: str,
+    axis: Axis,
+    band: Band,
+    log: bool = False,
 ) -> SeedMean | None:
     """Mean over seeds with a band; None when no seed has finite values of ``metric``.
 
     Epoch and step axes align seeds on the evaluation steps all of them share; the wall-clock
     axis interpolates each seed linearly onto a common grid over the time span all seeds cover.
+    ``log`` (for curves drawn on a log axis, all values positive): the geometric mean and the
+    band of the log values, so the band is symmetric on the axis and never reaches zero.
     """
     if metric not in evals.columns:
         return None
@@ -196,8 +204,13 @@ def seed_mean(
             return None
         x = on_steps.columns[axis.column].mean(axis=0)
         values = on_steps.columns[metric]
-    mean = values.mean(axis=0)
-    lower, upper = band_limits(values, band)
+    if log and np.all(values > 0):
+        logs = np.log(values)
+        mean = np.exp(logs.mean(axis=0))
+        lower, upper = (np.exp(limit) for limit in band_limits(logs, band))
+    else:
+        mean = values.mean(axis=0)
+        lower, upper = band_limits(values, band)
     return SeedMean(key, metric, axis, x, mean, lower, upper, values, seeds)
 
 

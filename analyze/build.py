@@ -6,10 +6,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analyze.aggregate import Axis, Band, LossKind
+from matplotlib.figure import Figure
+
+from analyze.aggregate import Axis, Band, GroupKey, LossKind, groups_of
+from analyze.labels import Caption
 from analyze.load import ResultsSet, SkippedRun, load_results
-from analyze.plots import plot_benchmark, plot_main, plot_profile, save_figure
+from analyze.plots import (
+    MAX_GROUPS_PER_AXIS,
+    group_pages,
+    plot_benchmark,
+    plot_main,
+    plot_profile,
+    save_figure,
+)
 from analyze.report import ReportInputs, write_report
+from analyze.running import with_running_loss
+from analyze.source_plots import author_presets, plot_source
 from analyze.stats import N_BOOTSTRAP, performance_profile
 from analyze.style import Palette
 from analyze.tables import (
@@ -22,6 +34,7 @@ from analyze.tables import (
 )
 
 RUNS_CSV = "runs.csv"
+FIGURE_INDEX = "figures.md"
 
 
 @dataclass(frozen=True)
@@ -69,39 +82,49 @@ def build_all(options: BuildOptions) -> BuildOutput:
     benchmarks = results.benchmarks()
     palette = Palette.for_optimizers(results.runs["optimizer"].dropna().astype(str))
 
+    figures = FigureWriter(out=out, output=output)
     benchmark_figures: dict[str, str] = {}
     experiment_figures: dict[str, dict[str, str]] = {}
-    for benchmark in benchmarks:
+
+    def curves(
+        subset: ResultsSet, stem: str, *, subtitle: str | None = None, keys: list[GroupKey] | None
+    ) -> str:
+        caption = Caption()
         fig = plot_benchmark(
-            results,
+            subset,
             benchmark=benchmark,
             axes=options.axes,
             band=options.band,
             loss_kind=options.loss_kind,
             palette=palette,
+            subtitle=subtitle,
+            keys=keys,
+            caption=caption,
         )
-        paths = save_figure(fig, out, f"{file_stem(benchmark)}_curves")
-        output.files.extend(paths)
-        benchmark_figures[benchmark] = paths[0].name
+        return figures.save(fig, stem, caption)
+
+    for benchmark in benchmarks:
+        benchmark_figures[benchmark] = curves(results, f"{file_stem(benchmark)}_curves", keys=None)
         experiments = results.experiments(benchmark)
-        if len(experiments) < 2:
+        keys = groups_of(results, benchmark=benchmark)
+        if len(experiments) < 2 and len(keys) <= MAX_GROUPS_PER_AXIS:
             continue
-        for experiment in experiments:  # one readable figure per preset, beside the overview
-            fig = plot_benchmark(
-                results.of_experiment(experiment),
-                benchmark=benchmark,
-                axes=options.axes,
-                band=options.band,
-                loss_kind=options.loss_kind,
-                palette=palette,
-                subtitle=f"preset {experiment}",
-            )
-            paths = save_figure(fig, out, f"{file_stem(benchmark)}_{file_stem(experiment)}_curves")
-            output.files.extend(paths)
-            experiment_figures.setdefault(benchmark, {})[experiment] = paths[0].name
+        presets: list[str | None] = list(experiments) or [None]
+        for experiment in presets:  # readable figures beside the overview
+            subset = results if experiment is None else results.of_experiment(experiment)
+            pages = group_pages(subset, groups_of(subset, benchmark=benchmark))
+            for number, page in enumerate(pages, start=1):
+                part = f" part {number}/{len(pages)}" if len(pages) > 1 else ""
+                name = f"preset {experiment}" if experiment else "all settings"
+                stem = f"{file_stem(benchmark)}_{file_stem(experiment or 'all')}_curves"
+                stem += f"_part{number}" if len(pages) > 1 else ""
+                experiment_figures.setdefault(benchmark, {})[
+                    f"{experiment or 'all settings'}{part}"
+                ] = curves(subset, stem, subtitle=f"{name}{part}", keys=page)
     main_figure = None
     if benchmarks:
         main_axes = tuple(a for a in options.axes if a is not Axis.STEP) or options.axes
+        caption = Caption()
         fig = plot_main(
             results,
             benchmarks=benchmarks,
@@ -109,10 +132,10 @@ def build_all(options: BuildOptions) -> BuildOutput:
             band=options.band,
             loss_kind=options.loss_kind,
             palette=palette,
+            caption=caption,
         )
-        paths = save_figure(fig, out, "main_figure")
-        output.files.extend(paths)
-        main_figure = paths[0].name
+        main_figure = figures.save(fig, "main_figure", caption)
+    source_figures = _source_figures(results, options=options, palette=palette, figures=figures)
 
     final = final_loss_table(results, loss_kind=options.loss_kind)
     other_kind = LossKind.PER_OUTPUT if options.loss_kind is LossKind.SUM else LossKind.SUM
@@ -133,10 +156,9 @@ def build_all(options: BuildOptions) -> BuildOutput:
             "wall-clock": performance_profile(analysis.wall_times),
             "epochs": performance_profile(analysis.epoch_times),
         }
-        fig = plot_profile(profiles, optimizer_of=optimizer_of, palette=palette)
-        paths = save_figure(fig, out, "performance_profile")
-        output.files.extend(paths)
-        profile_figure = paths[0].name
+        caption = Caption()
+        fig = plot_profile(profiles, optimizer_of=optimizer_of, palette=palette, caption=caption)
+        profile_figure = figures.save(fig, "performance_profile", caption)
 
     report = write_report(
         ReportInputs(
@@ -158,7 +180,55 @@ def build_all(options: BuildOptions) -> BuildOutput:
         out,
     )
     output.files.append(report)
+    output.files.append(figures.write_index(source_figures))
     return output
+
+
+@dataclass
+class FigureWriter:
+    """Saves figures with their captions and remembers them for the figure index."""
+
+    out: Path
+    output: BuildOutput
+    captions: dict[str, Caption] = field(default_factory=dict)
+
+    def save(self, fig: Figure, stem: str, caption: Caption) -> str:
+        """Write PNG, PDF and caption; returns the PNG's file name."""
+        paths = save_figure(fig, self.out, stem, caption=caption)
+        self.output.files.extend(paths)
+        self.captions[paths[0].name] = caption
+        return paths[0].name
+
+    def write_index(self, source_figures: dict[str, str]) -> Path:
+        """``figures.md``: every figure inline with its caption (legend mapping included)."""
+        lines = ["# Figures", ""]
+        if source_figures:
+            lines += ["Counterparts of the source papers' figures, one per author-named preset:"]
+            lines += [f"- [{preset}]({name})" for preset, name in source_figures.items()]
+            lines.append("")
+        for name, caption in self.captions.items():
+            lines += [f"## {name}", "", f"![{caption.title}]({name})", "", caption.markdown()]
+        path = self.out / FIGURE_INDEX
+        path.write_text("\n".join(lines))
+        return path
+
+
+def _source_figures(
+    results: ResultsSet, *, options: BuildOptions, palette: Palette, figures: FigureWriter
+) -> dict[str, str]:
+    """One counterpart of the source figure per author-named preset: preset -> PNG name."""
+    presets = author_presets(results)
+    if not presets:
+        return {}
+    with_running = with_running_loss(results)
+    written = {}
+    for preset in presets:
+        caption = Caption()
+        fig = plot_source(
+            with_running, preset=preset, band=options.band, palette=palette, caption=caption
+        )
+        written[preset] = figures.save(fig, f"source_{file_stem(preset)}", caption)
+    return written
 
 
 def _write_runs_csv(results: ResultsSet, out: Path) -> Path:

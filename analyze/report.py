@@ -196,9 +196,9 @@ def render_report(inputs: ReportInputs) -> str:
                 f"![Train loss over benchmarks]({inputs.main_figure})",
                 "",
                 f"_Mean over completed seeds; {inputs.band.description}. Diverged runs are drawn "
-                "dotted up to divergence and never averaged. On log axes a CI reaching below "
-                "zero is cut at the lowest seed. Wall-clock curves are interpolated onto a "
-                "common grid over the time span all seeds cover._",
+                "dotted up to divergence and never averaged. On log axes the mean is geometric "
+                "and the CI is computed on the log losses. Wall-clock curves are interpolated "
+                "onto a common grid over the time span all seeds cover._",
                 "",
             ]
         )

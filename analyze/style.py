@@ -35,6 +35,8 @@ SPARE_COLOURS = (
 )
 VARIANT_LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", (0, (5, 1, 1, 1, 1, 1)))
 DIVERGED_LINESTYLE: Any = (0, (1, 1.5))
+BASELINE_COLOUR = "0.45"
+BASELINE_LINESTYLE: Any = (0, (6, 3))
 BAND_ALPHA = 0.2
 FIGURE_FORMATS = ("png", "pdf")
 PNG_DPI = 150
@@ -90,6 +92,8 @@ class Palette:
 
 METRIC_LABELS = {
     "train_loss": "train loss",
+    "train_running_loss": "train loss (running mean)",
+    "train_running_acc": "train accuracy (running mean)",
     "test_loss": "test loss",
     "val_loss": "validation loss",
     "train_loss_per_output": "train loss per output",

@@ -1,4 +1,4 @@
-"""K-FAC curvature blocks: one object per preconditioned layer (nn.Linear, nn.Conv2d).
+"""K-FAC curvature blocks: one object per preconditioned layer (Linear, Conv1d/2d, Embedding).
 
 Conventions (REFERENCE §2). Layer i computes s = W ā with ā the input (a homogeneous 1 appended
 when the layer has a bias) and W of shape d_out × d_in' (d_in' = d_in [+1]), the bias being the
@@ -42,6 +42,10 @@ Block API (stable; two-level K-FAC builds on it):
   `multiply_inverse(mat)`, `multiply_factors(mat)` (= G mat A, the undamped K-FAC block times
   mat), `set_damping(λ)` (re-damp the current inverse), `dense_factor_kron()` (= A ⊗ G) and
   `state_dict()` / `load_state_dict()`.
+
+A layer called several times in one forward stores each call's rows as extra positions, and the
+micro-batches of one step (gradient accumulation) as extra examples (`save_input(..., call=,
+micro=)`), so its statistics are summed over calls (KFAC-expand) and averaged over all examples.
 
 Numerics: factor math in float32 (float64 when the layer is float64), whatever the model dtype.
 A failed Cholesky/eigh retries in float64 with growing jitter; if every retry fails the previous
@@ -170,6 +174,7 @@ class KFACBlock:
     """Kronecker-factored curvature of one layer (see the module docstring for the API)."""
 
     kind = "block"
+    coarse_supported = True  # two-level K-FAC can build its coarse level on this block
 
     def __init__(
         self,
@@ -189,9 +194,15 @@ class KFACBlock:
         self.factor_dtype = factor_dtype or factor_dtype_for(weight.dtype)
         self.shape = (d_out, d_in + (1 if self.has_bias else 0))
         self.grid: tuple[int, int] = (1, 1)
-        self.inputs: Tensor | None = None
+        self.calls = 0  # how many times the layer ran in the latest captured forward
+        self._call_grid: tuple[int, int] = (1, 1)
+        # statistics keyed by (micro-batch, call): concatenated over calls (positions, dim 1)
+        # and micro-batches (examples, dim 0) when read
+        self._input_parts: dict[tuple[int, int], Tensor] = {}
+        self._grad_parts: dict[tuple[int, int], Tensor] = {}
+        self._inputs: Tensor | None = None
+        self._g: Tensor | None = None
         self._a_aug: Tensor | None = None
-        self.g: Tensor | None = None
         dev = weight.device
         self.A = torch.zeros(self.shape[1], self.shape[1], dtype=self.factor_dtype, device=dev)
         self.G = torch.zeros(self.shape[0], self.shape[0], dtype=self.factor_dtype, device=dev)
@@ -226,49 +237,105 @@ class KFACBlock:
         """Number of positions P per example."""
         return self.grid[0] * self.grid[1]
 
-    def save_input(self, x: Tensor, *, rows: int) -> None:
+    def save_input(self, x: Tensor, *, rows: int, micro: int = 0, call: int = 0) -> None:
         """Stage 1: keep the input rows of the first ``rows`` examples, (rows, P, d_in).
 
         In factor dtype; a view of the input when the dtype matches (autograd keeps the input
-        alive anyway), so capturing costs no copy for Linear layers.
+        alive anyway), so capturing costs no copy for Linear layers. ``call`` counts the calls of
+        the layer in one forward, ``micro`` the micro-batches of one step (gradient accumulation):
+        their rows are concatenated along the positions and the examples respectively.
         """
-        self.inputs = self._input_rows(x[:rows].detach().to(self.factor_dtype))
+        self._input_parts[(micro, call)] = self._input_rows(x[:rows].detach().to(self.factor_dtype))
+        self._inputs = None
         self._a_aug = None
-        self.g = None
+
+    @staticmethod
+    def _joined(parts: dict[tuple[int, int], Tensor]) -> Tensor:
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        micros = sorted({m for m, _ in parts})
+        per_micro = []
+        for micro in micros:
+            calls = sorted(c for m, c in parts if m == micro)
+            per_micro.append(torch.cat([parts[(micro, c)] for c in calls], dim=1))
+        return torch.cat(per_micro, dim=0)
+
+    @property
+    def inputs(self) -> Tensor | None:
+        """Input rows (rows, P, d_in) of every call and micro-batch captured; None before."""
+        if not self._input_parts:
+            return None
+        if self._inputs is None:
+            self._inputs = self._joined(self._input_parts)
+        return self._inputs
+
+    @property
+    def g(self) -> Tensor | None:
+        """Output-gradient rows (rows, P, d_out); None until every captured call has them."""
+        if not self._grad_parts or self._grad_parts.keys() != self._input_parts.keys():
+            return None
+        if self._g is None:
+            self._g = self._joined(self._grad_parts)
+        return self._g
+
+    @property
+    def has_stats(self) -> bool:
+        """Whether inputs and output gradients of every captured call are there."""
+        return bool(self._input_parts) and self.g is not None
 
     @property
     def a(self) -> Tensor | None:
         """ā = [input rows, 1] as (rows, P, d_in'), built on first use (K-FAC never needs it)."""
-        if self.inputs is None or not self.has_bias:
-            return self.inputs
+        inputs = self.inputs
+        if inputs is None or not self.has_bias:
+            return inputs
         if self._a_aug is None:
-            x = self.inputs
+            x = inputs
             self._a_aug = torch.cat([x, x.new_ones(x.shape[0], x.shape[1], 1)], dim=2)
         return self._a_aug
 
-    def save_output(self, output: Tensor) -> None:
-        """Record the spatial grid of the layer output."""
-        self.grid = self._output_grid(output)
+    def save_output(self, output: Tensor, *, call: int = 0) -> None:
+        """Record the spatial grid of the layer output (positions of all calls: (1, ΣP))."""
+        grid = self._output_grid(output)
+        if call == 0:
+            self._call_grid, self.calls = grid, 1
+            self.grid = grid
+            return
+        self.calls = max(self.calls, call + 1)
+        self.grid = (1, self.grid[0] * self.grid[1] + grid[0] * grid[1])
 
-    def save_output_grad(self, gs: Tensor, *, rows: int, scale: float = 1.0) -> None:
-        """Stage 2: keep g = scale · ∂loss/∂s of the first ``rows`` examples, (rows, P, d_out)."""
+    def save_output_grad(
+        self, gs: Tensor, *, rows: int, scale: float | Tensor = 1.0, micro: int = 0, call: int = 0
+    ) -> None:
+        """Stage 2: keep g = scale · ∂loss/∂s of the first ``rows`` examples, (rows, P, d_out).
+
+        ``scale`` is a number or one factor per example (shape (rows,)).
+        """
         g = self._output_rows(gs[:rows].detach().to(self.factor_dtype))
-        self.g = g * scale if scale != 1.0 else g
+        if isinstance(scale, Tensor):
+            g = g * scale.to(g.dtype).reshape(-1, 1, 1)
+        elif scale != 1.0:
+            g = g * scale
+        self._grad_parts[(micro, call)] = g
+        self._g = None
 
     def clear_stats(self) -> None:
         """Forget the captured statistics."""
-        self.inputs = None
+        self._input_parts = {}
+        self._grad_parts = {}
+        self._inputs = None
+        self._g = None
         self._a_aug = None
-        self.g = None
 
     # ------------------------------------------------------------------ stage 3
     def batch_factors(self) -> tuple[Tensor, Tensor]:
         """Â and Ĝ of the captured statistics (see the module docstring for the scaling)."""
-        if self.a is None or self.g is None:
+        a_rows, g_rows = self.a, self.g
+        if a_rows is None or g_rows is None:
             raise RuntimeError(f"{self.kind} block: no captured statistics")
-        batch = self.a.shape[0]
-        a = self.a.reshape(-1, self.a.shape[2])
-        g = self.g.reshape(-1, self.g.shape[2])
+        batch = a_rows.shape[0]
+        a = a_rows.reshape(-1, a_rows.shape[2])
+        g = g_rows.reshape(-1, g_rows.shape[2])
         return a.T @ a / a.shape[0], g.T @ g / batch
 
     def update_factors(self, *, decay: float) -> bool:
@@ -277,10 +344,11 @@ class KFACBlock:
         Statistics whose squared norm is not finite (so Â or Ĝ could hold inf or NaN) are not
         folded in: the factors stay unchanged and False is returned.
         """
-        if self.inputs is None or self.g is None:
+        inputs, g_rows = self.inputs, self.g
+        if inputs is None or g_rows is None:
             raise RuntimeError(f"{self.kind} block: no captured statistics")
-        x = self.inputs.reshape(-1, self.inputs.shape[2])
-        g = self.g.reshape(-1, self.g.shape[2])
+        x = inputs.reshape(-1, inputs.shape[2])
+        g = g_rows.reshape(-1, g_rows.shape[2])
         if not squares_finite(x, g):
             return False
         weight = 1.0 - decay
@@ -294,7 +362,7 @@ class KFACBlock:
             self.A[d, d].mul_(decay).add_(weight)
         else:
             self.A.addmm_(x.T, x, beta=decay, alpha=alpha)
-        self.G.addmm_(g.T, g, beta=decay, alpha=weight / self.g.shape[0])
+        self.G.addmm_(g.T, g, beta=decay, alpha=weight / g_rows.shape[0])
         self.num_updates += 1
         return True
 
@@ -442,6 +510,12 @@ class KFACBlock:
             )
 
 
+def trainable_bias(module: nn.Module) -> Tensor | None:
+    """The layer's bias when it is trained; a frozen bias is a constant outside the block."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, Tensor) and bias.requires_grad else None
+
+
 class LinearBlock(KFACBlock):
     """nn.Linear: ā = [x, 1]; inputs with extra dimensions (B, ..., d_in) give P = their product."""
 
@@ -451,7 +525,7 @@ class LinearBlock(KFACBlock):
         super().__init__(
             module,
             weight=module.weight,
-            bias=module.bias,
+            bias=trainable_bias(module),
             d_in=module.in_features,
             d_out=module.out_features,
             factor_dtype=factor_dtype,
@@ -467,54 +541,348 @@ class LinearBlock(KFACBlock):
         return 1, int(math.prod(output.shape[1:-1]))
 
 
-class Conv2dBlock(KFACBlock):
-    """nn.Conv2d (groups = 1): ā = [unfolded patch, 1] at each of the P = H_out·W_out positions."""
+def conv_patches(conv: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """Unfolded input patches (B, P, C_in·k) of a Conv1d/Conv2d, in the order of its weight."""
+    padding: Any = conv.padding
+    if isinstance(padding, str) or conv.padding_mode != "zeros":
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(conv.kernel_size)
+    kernel: Any
+    dilation: Any
+    stride: Any
+    if isinstance(conv, nn.Conv1d):  # a Conv1d is a Conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, dilation = (1, conv.kernel_size[0]), (1, conv.dilation[0])
+        stride, padding = (1, conv.stride[0]), (0, padding[0])
+    else:
+        kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+    patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return patches.transpose(1, 2)
 
-    kind = "conv2d"
 
-    def __init__(self, module: nn.Conv2d, *, factor_dtype: torch.dtype | None = None) -> None:
+class ConvBlock(KFACBlock):
+    """nn.Conv1d / nn.Conv2d with groups = 1: ā = [unfolded patch, 1] at each output position.
+
+    P = H_out·W_out for Conv2d, L_out for Conv1d (grid (1, L_out)).
+    """
+
+    kind = "conv"
+
+    def __init__(
+        self, module: nn.Conv1d | nn.Conv2d, *, factor_dtype: torch.dtype | None = None
+    ) -> None:
         if module.groups != 1:
-            raise ValueError("Conv2dBlock: grouped convolutions are not supported")
-        kh, kw = module.kernel_size
+            raise ValueError(f"{type(self).__name__}: groups = 1 only (GroupedConvBlock)")
         super().__init__(
             module,
             weight=module.weight,
-            bias=module.bias,
-            d_in=module.in_channels * kh * kw,
+            bias=trainable_bias(module),
+            d_in=module.in_channels * math.prod(module.kernel_size),
             d_out=module.out_channels,
             factor_dtype=factor_dtype,
         )
+        self.kind = "conv1d" if isinstance(module, nn.Conv1d) else "conv2d"
 
     def _input_rows(self, x: Tensor) -> Tensor:
         conv = self.module
-        assert isinstance(conv, nn.Conv2d)
-        padding: Any = conv.padding
-        if isinstance(padding, str) or conv.padding_mode != "zeros":
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        patches = F.unfold(
-            x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride
-        )
-        return patches.transpose(1, 2)
+        assert isinstance(conv, nn.Conv1d | nn.Conv2d)
+        return conv_patches(conv, x)
 
     def _output_rows(self, gs: Tensor) -> Tensor:
         return gs.flatten(2).transpose(1, 2)
 
     def _output_grid(self, output: Tensor) -> tuple[int, int]:
+        if output.dim() == 3:
+            return 1, int(output.shape[-1])
         return int(output.shape[-2]), int(output.shape[-1])
 
 
-def make_block(module: nn.Module, *, factor_dtype: torch.dtype | None = None) -> KFACBlock | None:
-    """The curvature block of a supported, trainable layer; None for anything else.
+Conv2dBlock = ConvBlock  # the historical name
 
-    Supported: nn.Linear, nn.Conv2d with groups = 1, all of whose parameters require gradients.
+
+class GroupedConvBlock(ConvBlock):
+    """Conv1d/Conv2d with groups > 1 (depthwise included): block-diagonal over the groups.
+
+    Group j maps input channels j·C_in/g … to output channels j·C_out/g …; its weight rows are
+    rows j·C_out/g … of the d_out × d_in' matrix (d_in' = C_in/g·k [+1]), so the layer's K-FAC
+    block is the direct sum of one Kronecker block per group, each built from that group's patches
+    and output gradients (`parts`, plain `KFACBlock`s). `A`, `G` of the layer itself are empty.
     """
-    params = list(module.parameters(recurse=False))
-    if not params or not all(p.requires_grad for p in params):
-        return None
+
+    coarse_supported = False
+
+    def __init__(
+        self, module: nn.Conv1d | nn.Conv2d, *, factor_dtype: torch.dtype | None = None
+    ) -> None:
+        groups = module.groups
+        KFACBlock.__init__(
+            self,
+            module,
+            weight=module.weight,
+            bias=trainable_bias(module),
+            d_in=module.in_channels // groups * math.prod(module.kernel_size),
+            d_out=module.out_channels,
+            factor_dtype=factor_dtype,
+        )
+        self.kind = "grouped_conv1d" if isinstance(module, nn.Conv1d) else "grouped_conv2d"
+        self.groups = groups
+        self.A = self.A.new_zeros(0, 0)
+        self.G = self.G.new_zeros(0, 0)
+        rows = module.out_channels // groups
+        bias = trainable_bias(module)
+        self.parts = [
+            KFACBlock(
+                module,
+                weight=module.weight[j * rows : (j + 1) * rows],
+                bias=None if bias is None else bias[j * rows : (j + 1) * rows],
+                d_in=self.shape[1] - int(self.has_bias),
+                d_out=rows,
+                factor_dtype=self.factor_dtype,
+            )
+            for j in range(groups)
+        ]
+
+    def _split(self, mat: Tensor) -> list[Tensor]:
+        return list(mat.reshape(self.groups, -1, mat.shape[1]).unbind(0))
+
+    def update_factors(self, *, decay: float) -> bool:
+        """Each group's factors from its slice of the patches and output gradients."""
+        inputs, g_rows = self.inputs, self.g
+        if inputs is None or g_rows is None:
+            raise RuntimeError(f"{self.kind} block: no captured statistics")
+        if not squares_finite(inputs.reshape(-1), g_rows.reshape(-1)):
+            return False
+        cols, rows = inputs.shape[2] // self.groups, g_rows.shape[2] // self.groups
+        for j, part in enumerate(self.parts):
+            part._input_parts = {(0, 0): inputs[:, :, j * cols : (j + 1) * cols]}
+            part._grad_parts = {(0, 0): g_rows[:, :, j * rows : (j + 1) * rows]}
+            part._inputs = part._g = part._a_aug = None
+            part.update_factors(decay=decay)
+            part.clear_stats()
+        self.num_updates += 1
+        return True
+
+    def update_inverse(self, *, damping: float, mode: DampingMode) -> int:
+        """Every group's damped inverse."""
+        retries = sum(part.update_inverse(damping=damping, mode=mode) for part in self.parts)
+        self.mode, self.damping = mode, damping
+        return retries
+
+    def set_damping(self, damping: float) -> int:
+        """Re-damp every group's inverse."""
+        retries = sum(part.set_damping(damping) for part in self.parts)
+        self.damping = damping
+        return retries
+
+    def multiply_inverse(self, mat: Tensor) -> Tensor:
+        """Each group's damped inverse on its rows."""
+        if self.mode is None:
+            raise RuntimeError(f"{self.kind} block: no inverse yet (call update_inverse first)")
+        pieces = self._split(mat)
+        return torch.cat([p.multiply_inverse(m) for p, m in zip(self.parts, pieces, strict=True)])
+
+    def multiply_factors(self, mat: Tensor) -> Tensor:
+        """The undamped block-diagonal K-FAC block applied to a d_out × d_in' matrix."""
+        pieces = self._split(mat)
+        return torch.cat([p.multiply_factors(m) for p, m in zip(self.parts, pieces, strict=True)])
+
+    def dense_factor_kron(self) -> Tensor:
+        """The block-diagonal K-FAC block as a dense matrix (column-major vec of d_out × d_in')."""
+        size = self.shape[0] * self.shape[1]
+        eye = torch.eye(size, dtype=self.factor_dtype, device=self.weight.device)
+        columns = [self.multiply_factors(e.reshape(self.shape[1], self.shape[0]).T) for e in eye]
+        return torch.stack([c.T.reshape(-1) for c in columns], dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The layer's counters plus every group's factors and inverses."""
+        state = super().state_dict()
+        state["parts"] = [part.state_dict() for part in self.parts]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` saved."""
+        super().load_state_dict(state)
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+class EmbeddingBlock(KFACBlock):
+    """nn.Embedding: ā is the one-hot token, so A is diagonal (token frequencies).
+
+    With the weight as the d_out × d_in matrix W = weightᵀ (embedding_dim × num_embeddings),
+    A = diag(counts)/(B·P) is held as a vector; tokens equal to padding_idx have ā = 0 (their row
+    gets no gradient). `inputs` holds the token indices (rows, P); `a` builds the dense one-hot
+    (only for diagnostics on small vocabularies).
+    """
+
+    kind = "embedding"
+    coarse_supported = False
+
+    def __init__(self, module: nn.Embedding, *, factor_dtype: torch.dtype | None = None) -> None:
+        super().__init__(
+            module,
+            weight=module.weight,
+            bias=None,
+            d_in=module.num_embeddings,
+            d_out=module.embedding_dim,
+            factor_dtype=factor_dtype,
+        )
+        self.A = self.A.new_zeros(module.num_embeddings)
+        self.padding_idx = module.padding_idx
+
+    def save_input(self, x: Tensor, *, rows: int, micro: int = 0, call: int = 0) -> None:
+        """Keep the token indices of the first ``rows`` examples as (rows, P)."""
+        self._input_parts[(micro, call)] = x[:rows].detach().reshape(min(rows, x.shape[0]), -1)
+        self._inputs = None
+        self._a_aug = None
+
+    def _output_rows(self, gs: Tensor) -> Tensor:
+        return gs.reshape(gs.shape[0], -1, gs.shape[-1])
+
+    def _output_grid(self, output: Tensor) -> tuple[int, int]:
+        return 1, int(math.prod(output.shape[1:-1]))
+
+    def _one_hot_weights(self, tokens: Tensor) -> Tensor:
+        weights = torch.ones(tokens.shape, dtype=self.factor_dtype, device=tokens.device)
+        if self.padding_idx is not None:
+            weights = weights.masked_fill(tokens == self.padding_idx, 0.0)
+        return weights
+
+    @property
+    def a(self) -> Tensor | None:
+        """Dense one-hot rows (rows, P, num_embeddings)."""
+        tokens = self.inputs
+        if tokens is None:
+            return None
+        if self._a_aug is None:
+            hot = F.one_hot(tokens, self.shape[1]).to(self.factor_dtype)
+            self._a_aug = hot * self._one_hot_weights(tokens).unsqueeze(-1)
+        return self._a_aug
+
+    def batch_factors(self) -> tuple[Tensor, Tensor]:
+        """Â as the diagonal vector and Ĝ (see the class docstring)."""
+        tokens, g_rows = self.inputs, self.g
+        if tokens is None or g_rows is None:
+            raise RuntimeError("embedding block: no captured statistics")
+        counts = torch.zeros(self.shape[1], dtype=self.factor_dtype, device=tokens.device)
+        counts.index_add_(0, tokens.reshape(-1), self._one_hot_weights(tokens).reshape(-1))
+        g = g_rows.reshape(-1, g_rows.shape[2])
+        return counts / tokens.numel(), g.T @ g / g_rows.shape[0]
+
+    def update_factors(self, *, decay: float) -> bool:
+        """A ← ε A + (1 − ε) Â on the diagonal, G as for every block."""
+        g_rows = self.g
+        if g_rows is None:
+            raise RuntimeError("embedding block: no captured statistics")
+        if not squares_finite(g_rows.reshape(-1)):
+            return False
+        a_hat, g_hat = self.batch_factors()
+        self.A.mul_(decay).add_(a_hat, alpha=1.0 - decay)
+        self.G.mul_(decay).add_(g_hat, alpha=1.0 - decay)
+        self.num_updates += 1
+        return True
+
+    def _update_eigen(self, damping: float) -> int:
+        eig_g = robust_eigh(self.G)
+        if eig_g is None:
+            if self.mode is None:
+                raise RuntimeError("embedding block: eigendecomposition failed in float64")
+            return 1
+        self.d_A, self.Q_A = self.A.clamp_min(0), None
+        self.d_G, self.Q_G = eig_g[0].clamp_min(0), eig_g[1]
+        self.A_inv = self.G_inv = None
+        self.mode = DampingMode.eigen
+        self._set_eigen_scale(damping)
+        return int(eig_g[2])
+
+    def _update_factored(self, damping: float) -> int:
+        ratio_a = float(self.A.sum()) / self.A.shape[0]
+        ratio_g = float(self.G.diagonal().sum()) / self.G.shape[0]
+        ok = math.isfinite(ratio_a) and math.isfinite(ratio_g) and ratio_a > 0 and ratio_g > 0
+        pi = math.sqrt(ratio_a / ratio_g) if ok else 1.0
+        root = math.sqrt(damping)
+        inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
+        if inv_g is None:
+            if self.mode is None:
+                raise RuntimeError("embedding block: Cholesky failed in float64")
+            return 1
+        self.A_inv, self.G_inv, self.pi = 1.0 / (self.A + pi * root), inv_g[0], pi
+        self.Q_A = self.d_A = self.Q_G = self.d_G = self.eigen_scale = None
+        self.mode = DampingMode.factored
+        self.damping = damping
+        return int(inv_g[1])
+
+    def multiply_inverse(self, mat: Tensor) -> Tensor:
+        """The damped inverse on a embedding_dim × num_embeddings matrix (A diagonal)."""
+        if self.mode is DampingMode.factored:
+            assert self.A_inv is not None and self.G_inv is not None
+            return (self.G_inv @ mat) * self.A_inv
+        if self.mode is DampingMode.eigen:
+            assert self.Q_G is not None and self.eigen_scale is not None
+            return self.Q_G @ ((self.Q_G.T @ mat) * self.eigen_scale)
+        raise RuntimeError("embedding block: no inverse yet (call update_inverse first)")
+
+    def multiply_factors(self, mat: Tensor) -> Tensor:
+        """(diag(A) ⊗ G) vec(X) = vec(G X diag(A))."""
+        return (self.G @ mat) * self.A
+
+    def params_to_matrix(self, tensors: list[Tensor]) -> Tensor:
+        """The weight-shaped tensor transposed: embedding_dim × num_embeddings."""
+        return tensors[0].T.to(self.factor_dtype)
+
+    def matrix_to_param_updates(self, mat: Tensor) -> list[Tensor]:
+        """Back to the weight's (num_embeddings, embedding_dim) layout."""
+        return [mat.T.to(self.weight.dtype)]
+
+    def dense_factor_kron(self) -> Tensor:
+        """diag(A) ⊗ G as a dense matrix."""
+        return torch.kron(torch.diag(self.A), self.G)
+
+
+def _direct_params(module: nn.Module) -> list[Tensor]:
+    return list(module.parameters(recurse=False))
+
+
+def classify(
+    module: nn.Module, *, factor_dtype: torch.dtype | None = None
+) -> tuple[KFACBlock | None, str | None]:
+    """(block, None) for a supported layer, (None, why) when its trainable parameters fall back
+    to the plain update, (None, None) when it has no trainable parameters of its own.
+
+    Supported: nn.Linear, nn.Conv1d/nn.Conv2d (any groups), nn.Embedding (dense gradients, no
+    max_norm, no scale_grad_by_freq). A frozen bias is left out of the block (the weight's
+    curvature block does not depend on it); a frozen weight with a trainable bias falls back.
+    """
+    params = [p for p in _direct_params(module) if p.requires_grad]
+    if not params:
+        return None, None
+    weight = getattr(module, "weight", None)
+    layers = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding
+    if isinstance(module, layers) and not (isinstance(weight, Tensor) and weight.requires_grad):
+        return None, "weight frozen, bias trainable: no Kronecker block for a bias alone"
     if isinstance(module, nn.Linear):
-        return LinearBlock(module, factor_dtype=factor_dtype)
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
-        return Conv2dBlock(module, factor_dtype=factor_dtype)
-    return None
+        return LinearBlock(module, factor_dtype=factor_dtype), None
+    if isinstance(module, nn.Conv1d | nn.Conv2d):
+        kind = GroupedConvBlock if module.groups > 1 else ConvBlock
+        return kind(module, factor_dtype=factor_dtype), None
+    if isinstance(module, nn.Embedding):
+        if module.sparse or module.max_norm is not None or module.scale_grad_by_freq:
+            return None, "sparse / max_norm / scale_grad_by_freq embeddings are not supported"
+        return EmbeddingBlock(module, factor_dtype=factor_dtype), None
+    if isinstance(module, nn.MultiheadAttention):
+        return None, "attention projections are applied functionally (no layer forward to hook)"
+    norms = (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+    )
+    if isinstance(module, norms):
+        return None, "normalisation layers have no Kronecker block"
+    return None, "no K-FAC block for this layer type"
+
+
+def make_block(module: nn.Module, *, factor_dtype: torch.dtype | None = None) -> KFACBlock | None:
+    """The curvature block of a supported, trainable layer; None for anything else (`classify`)."""
+    return classify(module, factor_dtype=factor_dtype)[0]

@@ -163,10 +163,10 @@ class DataParallel:
     # ------------------------------------------------------------------ statistics
     def _units(self, optimizer: KFAC) -> list[tuple[list[Tensor | None], list[tuple[int, ...]]]]:
         """Running statistics per unit (each block, then the coarse level): tensors and shapes."""
-        units: list[tuple[list[Tensor | None], list[tuple[int, ...]]]] = [
-            ([block.A, block.G], [tuple(block.A.shape), tuple(block.G.shape)])
-            for block in optimizer.blocks
-        ]
+        units: list[tuple[list[Tensor | None], list[tuple[int, ...]]]] = []
+        for block in optimizer.blocks:  # a block's factors and those of its parts (groups)
+            tensors = [t for b in (block, *getattr(block, "parts", ())) for t in (b.A, b.G)]
+            units.append((list(tensors), [tuple(t.shape) for t in tensors]))
         coarse = getattr(optimizer, "coarse_running_statistics", None)
         if callable(coarse):
             tensors, shapes = coarse()
@@ -259,15 +259,20 @@ class DataParallel:
     def update_inverses(self, optimizer: KFAC) -> int:
         """Refresh every block's damped inverse (by `inverses`); returns the retries."""
         todo = [i for i, block in enumerate(optimizer.blocks) if block.num_updates > 0]
+        shared = [i for i in todo if _dense(optimizer.blocks[i])]
         if self.inverses is InverseStrategy.redundant or self.world == 1:
-            return sum(
-                optimizer.blocks[i].update_inverse(
-                    damping=optimizer.damping, mode=optimizer.damping_mode
-                )
-                for i in todo
+            shared = []
+        retries = sum(  # every rank: the blocks not shared (grouped, embedding: always)
+            optimizer.blocks[i].update_inverse(
+                damping=optimizer.damping, mode=optimizer.damping_mode
             )
+            for i in todo
+            if i not in shared
+        )
+        if not shared:
+            return retries
+        todo = shared
         owners = assign_blocks([optimizer.blocks[i].shape for i in todo], ranks=self.world)
-        retries = 0
         for i, owner in zip(todo, owners, strict=True):
             if owner == self.rank:
                 retries += optimizer.blocks[i].update_inverse(
@@ -317,6 +322,16 @@ class DataParallel:
                 block.Q_A = block.d_A = block.Q_G = block.d_G = block.eigen_scale = None
                 block.pi = float(pi)
                 block.damping = optimizer.damping
+
+
+def _dense(block: Any) -> bool:
+    """Whether a block is one dense Kronecker pair (its inverse can be shared as such)."""
+    d_out, d_in = block.shape
+    return (
+        not getattr(block, "parts", None)
+        and tuple(block.A.shape) == (d_in, d_in)
+        and tuple(block.G.shape) == (d_out, d_out)
+    )
 
 
 def assign_blocks(shapes: list[tuple[int, int]], *, ranks: int) -> list[int]:

@@ -1,9 +1,12 @@
 """K-FAC (Martens & Grosse 2015; KFC for convolutions) as a torch.optim.Optimizer.
 
-The optimizer is built from the model: it finds every nn.Linear and nn.Conv2d (groups = 1) with
-trainable parameters, gives each a curvature block (`optimizers.curvature`) and registers a
-forward hook on it. All other parameters (BatchNorm, ...) take the plain gradient through the same
-momentum / weight-decay update. One training step (the suite's plain-loop protocol):
+The optimizer is built from the model: it finds every supported layer (`optimizers.curvature.
+classify`: Linear, Conv1d/Conv2d of any groups, Embedding) whose parameters it trains, gives each a
+curvature block and registers a forward hook on it. All other parameters (norms, attention
+projections, tied weights, ...) take the plain gradient through the same momentum / weight-decay
+update; one KFACCoverageWarning at construction names them and says why. A block whose hooks do not
+fire on the first statistics step is an error naming the layer.
+One training step (the suite's plain-loop protocol):
 
     optimizer.zero_grad(set_to_none=True)
     with optimizer.capture():          # records layer inputs/outputs on statistics steps only
@@ -56,8 +59,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.likelihood import Likelihood
-from optimizers.curvature import KFACBlock, ema_decay, make_block
+from core.likelihood import IGNORE_INDEX, Likelihood, PositionReduction
+from optimizers.curvature import KFACBlock, classify, ema_decay
 from optimizers.distributed import DataParallel, data_parallel_for
 from optimizers.enums import DampingMode, FisherType, parse_enum
 
@@ -92,6 +95,7 @@ class KFACConfig:
     damping_period: int = 5  # adapt λ every this many steps
     damping_decay: float = 0.95  # per-step factor ω; λ changes by ω^damping_period
     seed: int | None = None  # MC sampling seed; None: torch.initial_seed()
+    grad_accumulation: int = 1  # micro-batches per step (each loss divided by this); stats summed
 
 
 @dataclass
@@ -104,6 +108,25 @@ class KFACCounters:
     damping_updates: int = 0  # adaptive-damping decisions
     nonfinite_stats: int = 0  # block statistics skipped because they were not finite
     linalg_retries: int = 0  # factorisations that needed the float64 retry (or failed)
+    missing_stats: int = 0  # block statistics missing on a later statistics step (hook idle)
+
+
+class KFACCoverageWarning(UserWarning):
+    """Some trainable parameters take the plain (non-preconditioned) update."""
+
+
+_COMPILE_MESSAGE = (
+    "KFAC.capture: a K-FAC layer hook was traced into a torch.compile graph, where it cannot "
+    "record statistics; run the captured forward on the uncompiled model"
+)
+
+# Per-group settings a param group may carry; damping and kl_clip are global (group 0's).
+GROUP_KEYS = ("params", "lr", "momentum", "weight_decay")
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether the model is a torch.compile wrapper (OptimizedModule)."""
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
 
 
 def _check(condition: bool, setting: str, value: object, allowed: str) -> None:
@@ -112,12 +135,17 @@ def _check(condition: bool, setting: str, value: object, allowed: str) -> None:
 
 
 class KFAC(torch.optim.Optimizer):
-    """K-FAC with Kronecker-factored Linear/Conv2d blocks; see the module docstring."""
+    """K-FAC with Kronecker-factored layer blocks; see the module docstring.
+
+    ``param_groups`` (optional): torch.optim group dicts over the model's parameters with
+    per-group lr / momentum / weight_decay; parameters outside every group are not trained.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         *,
+        param_groups: list[dict[str, Any]] | None = None,
         lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
@@ -133,7 +161,16 @@ class KFAC(torch.optim.Optimizer):
         damping_period: int = 5,
         damping_decay: float = 0.95,
         seed: int | None = None,
+        grad_accumulation: int = 1,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"KFAC(model, ...): model must be the nn.Module to precondition (K-FAC hooks its "
+                f"layers), got {type(model).__name__}; pass per-group settings as "
+                "param_groups=[{'params': [...], 'lr': ...}, ...]"
+            )
+        if _is_compiled(model):  # torch.compile wrapper: hook the layers it wraps
+            model = model._orig_mod  # type: ignore[assignment]
         _check(lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
         _check(0 <= momentum < 1, "momentum", momentum, "0 <= momentum < 1")
         _check(weight_decay >= 0, "weight_decay", weight_decay, "a number >= 0")
@@ -145,7 +182,14 @@ class KFAC(torch.optim.Optimizer):
         _check(kl_clip is None or kl_clip > 0, "kl_clip", kl_clip, "a number > 0 or null (off)")
         _check(int(damping_period) >= 1, "damping_period", damping_period, "an integer >= 1")
         _check(0 < damping_decay < 1, "damping_decay", damping_decay, "0 < damping_decay < 1")
-        params = [p for p in model.parameters() if p.requires_grad]
+        _check(
+            int(grad_accumulation) >= 1, "grad_accumulation", grad_accumulation, "an integer >= 1"
+        )
+        params: list[Any]
+        if param_groups is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = [dict(group) for group in param_groups]
         if not params:
             raise ValueError("KFAC: the model has no trainable parameters")
         defaults = {
@@ -168,19 +212,36 @@ class KFAC(torch.optim.Optimizer):
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.counters = KFACCounters()
 
+        self.grad_accumulation = int(grad_accumulation)
+        self.model_names = {id(p): name for name, p in model.named_parameters()}
         self.blocks: list[KFACBlock] = []
-        for module in model.modules():
-            block = make_block(module)
-            if block is not None:
-                self.blocks.append(block)
+        self.block_names: list[str] = []
+        fallbacks = self._build_blocks(model)
+        self._check_block_groups()
         in_blocks = {id(p) for block in self.blocks for p in block.params}
-        self.plain_params: list[Tensor] = [p for p in params if id(p) not in in_blocks]
+        self.plain_params: list[Tensor] = [
+            p for group in self.param_groups for p in group["params"] if id(p) not in in_blocks
+        ]
+        if fallbacks:
+            inits = sum(  # subclass constructors between the caller and this one
+                1
+                for cls in type(self).__mro__
+                if cls is not KFAC and issubclass(cls, KFAC) and "__init__" in cls.__dict__
+            )
+            warnings.warn(
+                "KFAC: these trainable parameters take the plain (non-preconditioned) update: "
+                + " | ".join(fallbacks),
+                KFACCoverageWarning,
+                stacklevel=2 + inits,
+            )
         self._hooks = [
             block.module.register_forward_hook(partial(self._forward_hook, index))
             for index, block in enumerate(self.blocks)
         ]
         self._capturing = False
-        self._outputs: dict[int, tuple[Tensor, int]] = {}
+        self._outputs: dict[int, list[tuple[Tensor, int]]] = {}
+        self._micro = 0  # micro-batches captured in this step
+        self._row_scale: dict[int, Tensor] = {}  # per-example output-gradient factors per micro
         self._mc_done = False
         self._loss_before: Tensor | None = None
         self._generator: torch.Generator | None = None
@@ -198,6 +259,96 @@ class KFAC(torch.optim.Optimizer):
         if self.adaptive_damping:
             return ["adaptive_damping=true (its reduction ratio compares rank-local losses)"]
         return []
+
+    # ----------------------------------------------------------------- coverage
+    def _build_blocks(self, model: nn.Module) -> list[str]:
+        """Blocks for the supported layers whose parameters this optimizer trains.
+
+        Returns one line per layer whose trainable parameters fall back to the plain update.
+        """
+        optimized = {id(p) for group in self.param_groups for p in group["params"]}
+        parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+        fallbacks: dict[str, list[str]] = {}  # reason -> parameters
+        candidates: list[tuple[str, KFACBlock]] = []
+        for name, module in model.named_modules():
+            own = [p for p in module.parameters(recurse=False) if id(p) in optimized]
+            if not own:
+                continue
+            block, why = classify(module)
+            if isinstance(parents.get(id(module)), nn.MultiheadAttention):
+                block, why = None, "inside MultiheadAttention, whose forward never calls it"
+            if block is not None and not all(id(p) in optimized for p in block.params):
+                block, why = None, "only part of its parameters are given to the optimizer"
+            if block is None:
+                kind = type(module).__name__
+                fallbacks.setdefault(f"{kind}: {why}", []).extend(self._param_name(p) for p in own)
+                continue
+            candidates.append((name, block))
+        owners: dict[int, list[str]] = {}
+        for name, block in candidates:
+            for p in block.params:
+                owners.setdefault(id(p), []).append(name)
+        for name, block in candidates:
+            shared = sorted({o for p in block.params for o in owners[id(p)] if o != name})
+            if shared:
+                why = "parameter shared between layers (weight tying; one tensor, one update)"
+                fallbacks.setdefault(why, []).extend(self._param_name(p) for p in block.params)
+                continue
+            self.blocks.append(block)
+            self.block_names.append(name)
+        return [f"{why}: {', '.join(dict.fromkeys(names))}" for why, names in fallbacks.items()]
+
+    def _param_name(self, param: Tensor) -> str:
+        name = self.model_names.get(id(param))
+        return name if name is not None else f"<tensor {tuple(param.shape)}>"
+
+    def _group_of(self) -> dict[int, dict[str, Any]]:
+        return {id(p): group for group in self.param_groups for p in group["params"]}
+
+    def _check_block_groups(self) -> None:
+        groups = self._group_of()
+        for name, block in zip(self.block_names, self.blocks, strict=True):
+            if len({id(groups[id(p)]) for p in block.params}) > 1:
+                raise ValueError(
+                    f"param_groups: layer '{name}' has its weight and bias in different groups; "
+                    "a K-FAC block takes one lr/momentum/weight_decay (put them in one group)"
+                )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch.optim's add_param_group; keys limited to GROUP_KEYS (damping, kl_clip global).
+
+        Parameters added after construction take the plain update (a KFACCoverageWarning says
+        which); they are updated like the rest with their group's lr, momentum and weight decay.
+        """
+        unknown = sorted(set(param_group) - set(GROUP_KEYS) - {"damping", "kl_clip"})
+        if unknown:
+            raise ValueError(
+                f"param_groups: unknown key(s) {unknown}; allowed per group: "
+                f"{', '.join(GROUP_KEYS)}"
+            )
+        for key in ("damping", "kl_clip"):
+            if key in param_group and param_group[key] != self.defaults[key]:
+                raise ValueError(
+                    f"param_groups: {key} is a global setting, not per group; set KFAC({key}=...)"
+                )
+        for key, low in (("lr", "lr >= 0"), ("momentum", "0 <= momentum < 1")):
+            if key in param_group:
+                value = float(param_group[key])
+                ok = value >= 0 and (key != "momentum" or value < 1) and math.isfinite(value)
+                _check(ok, f"param_groups.{key}", value, low)
+        if "weight_decay" in param_group:
+            wd = float(param_group["weight_decay"])
+            _check(wd >= 0, "param_groups.weight_decay", wd, "a number >= 0")
+        super().add_param_group(param_group)
+        if hasattr(self, "blocks"):
+            new = list(self.param_groups[-1]["params"])
+            self.plain_params.extend(new)
+            warnings.warn(
+                "KFAC.add_param_group: parameters added after construction take the plain "
+                "(non-preconditioned) update: " + ", ".join(self._param_name(p) for p in new),
+                KFACCoverageWarning,
+                stacklevel=2,
+            )
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -240,47 +391,68 @@ class KFAC(torch.optim.Optimizer):
     # ----------------------------------------------------------------- capture
     @contextmanager
     def capture(self) -> Iterator[None]:
-        """Record layer inputs/outputs of the forward pass inside, on statistics steps only."""
+        """Record layer inputs/outputs of the forward pass inside, on statistics steps only.
+
+        With grad_accumulation = k, up to k captured forwards (micro-batches) per step add up.
+        """
         self._outputs = {}
         self._mc_done = False
-        self._loss_before = None
+        if self._micro == 0:
+            self._loss_before = None
         if not self.is_stats_step:
             yield
             return
-        for block in self.blocks:
-            block.clear_stats()
+        if self._micro >= self.grad_accumulation:
+            raise RuntimeError(
+                f"KFAC.capture: {self._micro + 1} captured forwards in one step but "
+                f"grad_accumulation={self.grad_accumulation}; capture each micro-batch once "
+                "and call step() after the last (or raise grad_accumulation)"
+            )
+        if self._micro == 0:
+            for block in self.blocks:
+                block.clear_stats()
+            self._row_scale = {}
         self._capturing = True
         try:
+            if torch.compiler.is_compiling():
+                raise RuntimeError(_COMPILE_MESSAGE)
             yield
         finally:
             self._capturing = False
+            self._micro += 1
 
     def _forward_hook(self, index: int, module: nn.Module, inputs: Any, output: Tensor) -> None:
         if not self._capturing:
             return
-        if index in self._outputs:
-            raise RuntimeError(
-                "KFAC.capture: a layer ran twice in one captured forward; run the model once "
-                "inside `with optimizer.capture():` (shared layers are not supported)"
-            )
-        if not output.requires_grad:
-            raise RuntimeError(
-                "KFAC.capture: the layer output does not require gradients; do not run the "
-                "captured forward under torch.no_grad()"
-            )
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_COMPILE_MESSAGE)
         block = self.blocks[index]
+        if not isinstance(output, Tensor) or not output.requires_grad:
+            if not any(p.requires_grad for p in block.params):
+                return  # frozen after construction: nothing to precondition
+            raise RuntimeError(
+                f"KFAC.capture: the output of layer '{self.block_names[index]}' does not require "
+                "gradients; do not run the captured forward under torch.no_grad()"
+            )
+        calls = self._outputs.setdefault(index, [])
+        call, micro = len(calls), self._micro
         x = inputs[0]
         batch = int(x.shape[0])
         rows = self.stats_rows(batch)
-        block.save_input(x, rows=rows)
-        block.save_output(output)
-        self._outputs[index] = (output, output._version)
+        block.save_input(x, rows=rows, micro=micro, call=call)
+        block.save_output(output, call=call)
+        calls.append((output, output._version))
         if self.fisher is FisherType.empirical:
-            output.register_hook(partial(self._empirical_hook, block, rows, float(batch)))
+            scale = float(batch * self.grad_accumulation)
+            output.register_hook(partial(self._empirical_hook, block, rows, scale, micro, call))
 
-    @staticmethod
-    def _empirical_hook(block: KFACBlock, rows: int, batch: float, grad: Tensor) -> None:
-        block.save_output_grad(grad, rows=rows, scale=batch)
+    def _empirical_hook(
+        self, block: KFACBlock, rows: int, scale: float, micro: int, call: int, grad: Tensor
+    ) -> None:
+        """g = B·k · ∂(loss/k)/∂s, times √T_n per example for a per-position mean loss."""
+        extra = self._row_scale.get(micro)
+        factor: float | Tensor = scale if extra is None else extra[:rows] * scale
+        block.save_output_grad(grad, rows=rows, scale=factor, micro=micro, call=call)
 
     def _mc_generator(self, device: torch.device) -> torch.Generator:
         if self.data_parallel is not None:  # per-rank stream, seeded by (seed, rank, stats step)
@@ -306,18 +478,36 @@ class KFAC(torch.optim.Optimizer):
         return gen
 
     def fisher_backward(
-        self, output: Tensor, *, likelihood: Likelihood | str, target: Tensor
+        self,
+        output: Tensor,
+        *,
+        likelihood: Likelihood | str,
+        target: Tensor,
+        positions: PositionReduction | str | None = None,
+        ignore_index: int = IGNORE_INDEX,
     ) -> None:
         """MC Fisher pass on statistics steps: sampled targets back-propagated to layer outputs.
 
-        No parameter gradient is computed. Empirical Fisher: nothing to do here. With adaptive
-        damping it also records the batch loss before the update on damping steps.
+        No parameter gradient is computed. Empirical Fisher: only the per-position scaling of the
+        coming loss.backward() is recorded. ``positions`` and ``ignore_index`` must be those of
+        the loss (categorical (B, T..., V) logits; see `Likelihood.sequence_terms`). With
+        adaptive damping it also records the batch loss before the update on damping steps.
         """
         lik = parse_enum(Likelihood, likelihood, setting="likelihood")
-        if self.is_damping_step:
+        kept, counts = lik.sequence_terms(
+            output, target, positions=positions, ignore_index=ignore_index
+        )
+        if self.is_damping_step and self._micro <= 1:
             with torch.no_grad():
-                self._loss_before = lik.nll(output.detach(), target).detach()
-        if self.fisher is FisherType.empirical or not self.is_stats_step or not self.blocks:
+                self._loss_before = lik.nll(
+                    output.detach(), target, positions=positions, ignore_index=ignore_index
+                ).detach()
+        if not self.is_stats_step or not self.blocks:
+            return
+        micro = self._micro - 1
+        if self.fisher is FisherType.empirical:
+            if counts is not None:
+                self._row_scale[micro] = counts.sqrt()
             return
         if not self._outputs:
             raise RuntimeError(
@@ -325,26 +515,34 @@ class KFAC(torch.optim.Optimizer):
                 "forward inside `with optimizer.capture():`"
             )
         if self._mc_done:
-            raise RuntimeError("KFAC.fisher_backward: called twice in one step")
+            raise RuntimeError("KFAC.fisher_backward: called twice for one captured forward")
         rows = self.stats_rows(int(output.shape[0]))
         head = output if rows == output.shape[0] else output[:rows]  # a slice costs a backward copy
         head_grad = lik.sampled_nll_grad(head.detach(), generator=self._mc_generator(output.device))
-        indices = list(self._outputs)
+        if kept is not None:
+            head_grad = head_grad * kept[:rows].unsqueeze(-1).to(head_grad.dtype)
+        if counts is not None:
+            shape = (rows,) + (1,) * (head_grad.dim() - 1)
+            head_grad = head_grad * counts[:rows].rsqrt().reshape(shape).to(head_grad.dtype)
+        keys = [
+            (index, call) for index, calls in self._outputs.items() for call in range(len(calls))
+        ]
         tensors = []
-        for index in indices:
-            tensor, version = self._outputs[index]
+        for index, call in keys:
+            tensor, version = self._outputs[index][call]
             if tensor._version != version:
                 raise RuntimeError(
-                    f"KFAC.fisher_backward: the output of layer {index} was modified in place "
-                    "after the layer ran; use out-of-place activations after K-FAC layers"
+                    f"KFAC.fisher_backward: the output of layer '{self.block_names[index]}' was "
+                    "modified in place after the layer ran; use out-of-place activations after "
+                    "K-FAC layers"
                 )
             tensors.append(tensor)
         grads = torch.autograd.grad(
             head, tensors, grad_outputs=head_grad, retain_graph=True, allow_unused=True
         )
-        for index, grad in zip(indices, grads, strict=True):
+        for (index, call), grad in zip(keys, grads, strict=True):
             if grad is not None:
-                self.blocks[index].save_output_grad(grad, rows=rows, scale=1.0)
+                self.blocks[index].save_output_grad(grad, rows=rows, micro=micro, call=call)
         self._mc_done = True
 
     def remove_hooks(self) -> None:
@@ -357,25 +555,56 @@ class KFAC(torch.optim.Optimizer):
     def _check_captured(self) -> None:
         if not self.blocks:
             return
-        if not self._outputs:
+        captured = [block for block in self.blocks if block.inputs is not None]
+        if self._micro == 0 or not captured:
             raise RuntimeError(
                 f"KFAC.step: step {self.counters.steps} is a statistics step (cov_period="
                 f"{self.cov_period}) but nothing was captured; run the forward inside "
                 "`with optimizer.capture():`"
             )
-        if all(self.blocks[i].g is None for i in self._outputs):
+        if self._micro != self.grad_accumulation:
+            raise RuntimeError(
+                f"KFAC.step: {self._micro} captured micro-batch(es) in this step but "
+                f"grad_accumulation={self.grad_accumulation}; capture every micro-batch of the "
+                "step (each loss divided by grad_accumulation) before step()"
+            )
+        if all(block.g is None for block in captured):
             how = (
                 "call optimizer.fisher_backward(output, likelihood=..., target=...) before step()"
                 if self.fisher is FisherType.mc
                 else "call loss.backward() on the batch-mean loss before step()"
             )
             raise RuntimeError(f"KFAC.step: no output gradients were captured; {how}")
+        missing = [
+            f"'{name}' ({type(block.module).__name__}): "
+            + ("no input (its forward hook never fired)" if block.inputs is None else
+               "no output gradient (its output does not reach the loss)")
+            for name, block in zip(self.block_names, self.blocks, strict=True)
+            if not block.has_stats and any(p.requires_grad for p in block.params)
+        ]  # fmt: skip
+        if not missing:
+            return
+        if self.counters.stats_updates == 0:
+            raise RuntimeError(
+                "KFAC.step: no statistics for " + "; ".join(missing) + ". Each layer with a "
+                "K-FAC block must run its own forward() inside capture() and reach the loss "
+                "(layers applied functionally, e.g. by MultiheadAttention, and torch.compile "
+                "bypass the hooks); freeze such layers or leave them out of the optimizer"
+            )
+        self.counters.missing_stats += len(missing)
+        warnings.warn(
+            f"KFAC: step {self.counters.steps}: no statistics for "
+            + "; ".join(missing)
+            + "; their factors were left unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def update_statistics(self) -> None:
         """Fold the captured statistics into the running factors (ε_k schedule per block)."""
         bad = []
         for index, block in enumerate(self.blocks):
-            if block.a is None or block.g is None:
+            if not block.has_stats:
                 continue
             if not block.update_factors(decay=ema_decay(block.num_updates, self.ema_max)):
                 bad.append(index)
@@ -435,28 +664,43 @@ class KFAC(torch.optim.Optimizer):
         ]
 
     # ----------------------------------------------------------------- step
-    def _kl_scale(self, updates: list[Tensor], grads: list[Tensor], lr: float) -> Tensor | None:
+    def _kl_scale(
+        self, updates: list[Tensor], grads: list[Tensor], lrs: list[float]
+    ) -> Tensor | None:
+        """ν = min(1, sqrt(κ / Σ_i η_i² ⟨Δ_i, ∇_i⟩)) (η_i: the lr of block i's group)."""
         kl_clip = self.param_groups[0]["kl_clip"]
         if kl_clip is None or not updates:
             return None
         pairs = zip(updates, grads, strict=True)
-        vg = torch.stack([torch.vdot(u.reshape(-1), g.reshape(-1)) for u, g in pairs]).sum()
-        vg = vg * (lr * lr)
+        dots = [torch.vdot(u.reshape(-1), g.reshape(-1)) for u, g in pairs]
+        if len(set(lrs)) == 1:
+            vg = torch.stack(dots).sum() * (lrs[0] * lrs[0])
+        else:
+            vg = torch.stack([d * (lr * lr) for d, lr in zip(dots, lrs, strict=True)]).sum()
         ratio = kl_clip / torch.where(vg > 0, vg, torch.ones_like(vg))
         nu = torch.where(vg > 0, torch.sqrt(ratio), torch.ones_like(vg)).clamp(max=1.0)
         self.last_nu = nu
         return nu
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One K-FAC step; returns the closure's loss after the update on damping steps."""
+        """One K-FAC step; returns the closure's loss after the update on damping steps.
+
+        As torch.optim: a parameter whose .grad is None is left alone (momentum buffer
+        included); lr, momentum and weight_decay are read from each parameter's group.
+        """
         if self.is_stats_step:
-            self._check_captured()
+            try:
+                self._check_captured()
+            except RuntimeError:
+                self._micro = 0  # the step is not taken: the next capture starts afresh
+                raise
             if self.data_parallel is not None:  # local fold, then averaged over the ranks
                 self.data_parallel.update_statistics(self)
             else:
                 self.update_statistics()
             self.release_statistics()
         self._outputs = {}
+        self._micro = 0
         if self.is_inverse_step or any(
             b.num_updates > 0 and not b.has_inverse for b in self.blocks
         ):
@@ -469,35 +713,47 @@ class KFAC(torch.optim.Optimizer):
             assert closure is not None
             with torch.no_grad():
                 loss_before = torch.as_tensor(closure()).detach()
-        group = self.param_groups[0]
-        lr, momentum, wd = float(group["lr"]), float(group["momentum"]), group["weight_decay"]
+        groups = self._group_of()
         with torch.no_grad():
             grads = [block.grad_matrix() for block in self.blocks]
             updates = self.precondition(grads)
-            nu = self._kl_scale(updates, grads, lr)
+            active = [
+                i
+                for i, block in enumerate(self.blocks)
+                if any(p.grad is not None for p in block.params)
+            ]
+            lrs = [float(groups[id(self.blocks[i].weight)]["lr"]) for i in active]
+            nu = self._kl_scale([updates[i] for i in active], [grads[i] for i in active], lrs)
             directions: list[Direction] = []
-            for block, update in zip(self.blocks, updates, strict=True):
+            for i in active:
+                block, update = self.blocks[i], updates[i]
                 scale = None if nu is None else nu.to(update.dtype)
                 directions.extend(
                     (param, part, scale)
                     for param, part in zip(block.params, block.matrix_to_param_updates(update))
+                    if param.grad is not None
                 )
             directions.extend((p, p.grad, None) for p in self.plain_params if p.grad is not None)
-            model_terms = self._model_terms(directions, grads, lr, momentum, wd) if adapt else None
-            self._apply(directions, lr=lr, momentum=momentum, weight_decay=float(wd))
+            model_terms = self._model_terms(directions, grads, groups) if adapt else None
+            self._apply(directions, groups)
         result = None
         if adapt and closure is not None and model_terms is not None:
             assert loss_before is not None
             with torch.no_grad():
                 loss_after = torch.as_tensor(closure()).detach()
-            self._adapt_damping(float(loss_before), float(loss_after), model_terms, float(wd))
+            self._adapt_damping(float(loss_before), float(loss_after), model_terms)
             result = loss_after
         self._loss_before = None
         self.counters.steps += 1
         return result
 
-    def _step_of(self, param: Tensor, direction: Direction, wd: float, momentum: float) -> Tensor:
+    @staticmethod
+    def _settings(group: dict[str, Any]) -> tuple[float, float, float]:
+        return float(group["lr"]), float(group["momentum"]), float(group["weight_decay"])
+
+    def _step_of(self, param: Tensor, direction: Direction, group: dict[str, Any]) -> Tensor:
         """The vector η multiplies: d = ν·Δ + wd·θ through momentum (no side effects)."""
+        _, momentum, wd = self._settings(group)
         _, delta, scale = direction
         d = delta if scale is None else delta * scale
         if wd:
@@ -505,16 +761,10 @@ class KFAC(torch.optim.Optimizer):
         buf = self.state[param].get("momentum_buffer") if momentum else None
         return d if buf is None else buf * momentum + d
 
-    def _apply(
-        self,
-        directions: list[Direction],
-        *,
-        lr: float,
-        momentum: float,
-        weight_decay: float,
-    ) -> None:
+    def _apply(self, directions: list[Direction], groups: dict[int, dict[str, Any]]) -> None:
         """buf ← μ·buf + ν·Δ + wd·θ, θ ← θ − η·buf (ν fused into the update: no scaled copy)."""
         for param, delta, scale in directions:
+            lr, momentum, weight_decay = self._settings(groups[id(param)])
             buf = self.state[param].get("momentum_buffer") if momentum else None
             if buf is None:
                 d = delta * scale if scale is not None else delta
@@ -538,13 +788,14 @@ class KFAC(torch.optim.Optimizer):
         self,
         directions: list[Direction],
         grads: list[Tensor],
-        lr: float,
-        momentum: float,
-        wd: float,
+        groups: dict[int, dict[str, Any]],
     ) -> dict[str, float]:
         """Pieces of M(δ) for the step δ = −η·(buffer) about to be taken (float64 scalars)."""
-        deltas = {id(d[0]): -lr * self._step_of(d[0], d, wd, momentum) for d in directions}
-        linear, square, weight_dot, curvature = 0.0, 0.0, 0.0, 0.0
+        deltas = {
+            id(d[0]): -float(groups[id(d[0])]["lr"]) * self._step_of(d[0], d, groups[id(d[0])])
+            for d in directions
+        }
+        linear, square, wd_change, curvature = 0.0, 0.0, 0.0, 0.0
         for block, grad in zip(self.blocks, grads, strict=True):
             if not all(id(p) in deltas for p in block.params):
                 continue
@@ -557,16 +808,19 @@ class KFAC(torch.optim.Optimizer):
                 linear += float((param.grad.double() * deltas[id(param)].double()).sum())
         for param, _, _ in directions:
             delta = deltas[id(param)].double()
-            square += float((delta * delta).sum())
-            weight_dot += float((param.double() * delta).sum())
-        return {"linear": linear, "curvature": curvature, "square": square, "dot": weight_dot}
+            sq = float((delta * delta).sum())
+            square += sq
+            wd = float(groups[id(param)]["weight_decay"])
+            if wd:
+                wd_change += wd * (float((param.double() * delta).sum()) + 0.5 * sq)
+        return {"linear": linear, "curvature": curvature, "square": square, "wd": wd_change}
 
     def _adapt_damping(
-        self, loss_before: float, loss_after: float, terms: dict[str, float], wd: float
+        self, loss_before: float, loss_after: float, terms: dict[str, float]
     ) -> None:
         """Levenberg–Marquardt rule on ρ = actual / predicted change of h."""
         lam = self.damping
-        wd_change = wd * (terms["dot"] + 0.5 * terms["square"])
+        wd_change = terms["wd"]
         predicted = (
             terms["linear"] + 0.5 * terms["curvature"] + 0.5 * lam * terms["square"] + wd_change
         )
@@ -644,6 +898,7 @@ class KFAC(torch.optim.Optimizer):
             "damping": self.damping,
             "nonfinite_stats": float(self.counters.nonfinite_stats),
             "linalg_retries": float(self.counters.linalg_retries),
+            "missing_stats": float(self.counters.missing_stats),
         }
         if self.last_nu is not None:
             out["kl_nu"] = float(self.last_nu)

@@ -39,6 +39,7 @@ clip then leaves the step unscaled. Such steps are counted (`nondescent_steps`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -78,6 +79,15 @@ from optimizers.kfac import KFAC, KFACConfig, kfac_kwargs
 
 # Diagnostics materialise per-example gradients (B × N): skipped above this many entries.
 DIAGNOSTICS_MAX_ENTRIES = 20_000_000
+# Safety limits: a coarse correction this many times larger than the K-FAC step (norms, checked
+# on statistics steps), or a coarse matrix this ill-conditioned, is warned about and counted.
+COARSE_SHARE_MAX = 10.0
+COARSE_COND_MAX = 1.0e8
+SAFE_SETTINGS = "coarse_fisher=exact, coarse_damping=projected, basis_norm=max (Koroko et al.)"
+
+
+class CoarseSafetyWarning(RuntimeWarning):
+    """The coarse level dominates the step or its matrix is nearly singular."""
 
 
 class Combination(str, Enum):
@@ -167,6 +177,19 @@ class TwoLevelKFAC(KFAC):
         self.omega1 = float(omega1)
         self.omega2 = float(omega2)
         super().__init__(model, **kfac)
+        unsupported = [
+            f"'{name}' ({block.kind})"
+            for name, block in zip(self.block_names, self.blocks, strict=True)
+            if not block.coarse_supported
+        ]
+        if unsupported and self.omega2 > 0:
+            raise ValueError(
+                "two-level K-FAC: no coarse level for layers " + ", ".join(unsupported) + " "
+                "(grouped convolutions and embeddings); use kfac, or omega2=0"
+            )
+        self.coarse_extreme_share = 0  # statistics steps with ‖coarse‖ > COARSE_SHARE_MAX‖fine‖
+        self.coarse_extreme_cond = 0  # operator builds with cond(C) > COARSE_COND_MAX
+        self._warned: set[str] = set()
         # running coarse statistics (Nicolaides only) and the built operator
         self._moments: tuple[Tensor, Tensor] | None = None
         self._exact_fisher: Tensor | None = None
@@ -357,7 +380,37 @@ class TwoLevelKFAC(KFAC):
         damping = coarse_damping(
             self.coarse_damping, bases, self.damping, dtype=fisher.dtype, device=fisher.device
         )
-        return _Operator(bases=bases, solver=factor_coarse(fisher, damping), fisher=fisher)
+        solver = factor_coarse(fisher, damping)
+        cond = solver.condition_number()
+        if not cond <= COARSE_COND_MAX:
+            self.coarse_extreme_cond += 1
+            self._warn_once(
+                "cond",
+                f"two-level K-FAC: coarse matrix condition number {cond:.3g} > "
+                f"{COARSE_COND_MAX:g} at step {self.counters.steps}; the coarse step may swamp "
+                f"the K-FAC step (safer: {SAFE_SETTINGS})",
+            )
+        return _Operator(bases=bases, solver=solver, fisher=fisher)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, CoarseSafetyWarning, stacklevel=4)
+
+    def _check_share(self, fine: list[Tensor], update: list[Tensor]) -> None:
+        """Count (and warn once about) steps whose coarse part dwarfs the K-FAC part."""
+        w1 = self.omega1
+        fine_sq = sum(float((w1 * u).pow(2).sum()) for u in fine)
+        coarse_sq = sum(float((v - w1 * u).pow(2).sum()) for u, v in zip(fine, update, strict=True))
+        if fine_sq > 0 and not coarse_sq <= COARSE_SHARE_MAX**2 * fine_sq:
+            self.coarse_extreme_share += 1
+            ratio = math.sqrt(coarse_sq / fine_sq)
+            self._warn_once(
+                "share",
+                f"two-level K-FAC: coarse correction {ratio:.3g}× the K-FAC step (> "
+                f"{COARSE_SHARE_MAX:g}×) at step {self.counters.steps}; the KL clip will shrink "
+                f"the whole step (safer: {SAFE_SETTINGS})",
+            )
 
     def coarse_operator(
         self, grads: list[Tensor], fine: list[Tensor], stats: list[LayerStats]
@@ -377,12 +430,24 @@ class TwoLevelKFAC(KFAC):
         operator, stats = None, None
         if self.coarse_active and all(b.has_inverse for b in self.blocks):
             stats = self.layer_stats()
-            if stats is not None:
-                operator = self.coarse_operator(grads, fine, stats)
+            if stats is None:
+                missing = [
+                    name
+                    for name, b in zip(self.block_names, self.blocks, strict=True)
+                    if b.a is None or b.g is None
+                ]
+                raise RuntimeError(
+                    "two-level K-FAC: the coarse level needs the latest statistics of every "
+                    f"layer; none for {missing} (hooks that did not fire this step); refusing "
+                    "to fall back to plain K-FAC steps silently"
+                )
+            operator = self.coarse_operator(grads, fine, stats)
         if operator is None or stats is None:
             out = fine if self.omega1 == 1.0 else [self.omega1 * u for u in fine]
         else:
             out = self.combine(grads, fine, operator, stats)
+            if self.is_stats_step:
+                self._check_share(fine, out)
             if self.combination is not Combination.additive:
                 self._count_nondescent(out, grads)
         self._last = {"grads": grads, "fine": fine, "update": out, "operator": operator}
@@ -453,6 +518,7 @@ class TwoLevelKFAC(KFAC):
             "stale": self._stale,
             "operator": operator,
             "nondescent": self._nondescent,
+            "extreme": [self.coarse_extreme_share, self.coarse_extreme_cond],
         }
         return state
 
@@ -474,6 +540,8 @@ class TwoLevelKFAC(KFAC):
         self.coarse_updates = int(coarse["updates"])
         self._stale = bool(coarse["stale"])
         self._nondescent = move(coarse.get("nondescent"))
+        extreme = coarse.get("extreme", [0, 0])
+        self.coarse_extreme_share, self.coarse_extreme_cond = int(extreme[0]), int(extreme[1])
         op = coarse["operator"]
         self._operator = None
         if op is not None:
@@ -508,6 +576,8 @@ class TwoLevelKFAC(KFAC):
         """
         out = super().diagnostics()
         out["nondescent_steps"] = 0.0 if self._nondescent is None else float(self._nondescent)
+        out["coarse_extreme_share"] = float(self.coarse_extreme_share)
+        out["coarse_extreme_cond"] = float(self.coarse_extreme_cond)
         last, stats = self._last, self.layer_stats()
         if last is None or stats is None:
             return out

@@ -305,7 +305,9 @@ def test_benchmark_figure_draws_seed_means(written: Written, results: ResultsSet
             if col == 2:
                 continue
             for key in mnist_keys:
-                expected = np.mean(list(written.curves[key].values()), axis=0) * scale
+                # log axis: the geometric mean over seeds
+                logs = np.log(np.array(list(written.curves[key].values())) * scale)
+                expected = np.exp(logs.mean(axis=0))
                 np.testing.assert_allclose(means[label_of(key)].get_ydata(), expected, rtol=1e-12)
             # the diverged run: its own dotted line, finite values only, never in the mean
             diverged = _lines(ax, "diverged:")
@@ -314,8 +316,8 @@ def test_benchmark_figure_draws_seed_means(written: Written, results: ResultsSet
     # no pooling: the two kfac variants are two curves with their own means
     full = _lines(grid[0, 0], "mean:")["kfac · mnist-full"].get_ydata()
     small = _lines(grid[0, 0], "mean:")["kfac · mnist-5k"].get_ydata()
-    assert full[-1] == pytest.approx(np.mean(list(FINALS[mnist_keys[1]].values())))
-    assert small[-1] == pytest.approx(np.mean(list(FINALS[mnist_keys[3]].values())))
+    assert full[-1] == pytest.approx(stats.gmean(list(FINALS[mnist_keys[1]].values())))
+    assert small[-1] == pytest.approx(stats.gmean(list(FINALS[mnist_keys[3]].values())))
     # wall-clock: interpolated onto the span every seed covers
     sgd_key = mnist_keys[0]
     wall_line = _lines(grid[0, 2], "mean:")[label_of(sgd_key)]
@@ -324,7 +326,9 @@ def test_benchmark_figure_draws_seed_means(written: Written, results: ResultsSet
     assert x[0] == pytest.approx(max(w[0] for w in walls.values()))
     assert x[-1] == pytest.approx(min(w[-1] for w in walls.values()))
     mid = x[len(x) // 2]
-    expected_mid = np.mean([np.interp(mid, walls[s], written.curves[sgd_key][s]) for s in walls])
+    expected_mid = stats.gmean(
+        [np.interp(mid, walls[s], written.curves[sgd_key][s]) for s in walls]
+    )
     assert wall_line.get_ydata()[len(x) // 2] == pytest.approx(expected_mid)
     # labels with units, a legend stating the band
     assert grid[1, 0].get_xlabel().startswith("epoch")
@@ -338,9 +342,10 @@ def test_benchmark_figure_draws_seed_means(written: Written, results: ResultsSet
 def test_band_is_the_t_interval_or_the_range(written: Written, results: ResultsSet) -> None:
     key = ("mnist_ae", "mnist-full", "sgd", "sgd")
     values = np.array(list(written.curves[key].values()))
-    half = stats.t.ppf(0.975, 2) * values.std(axis=0, ddof=1) / np.sqrt(3)
+    logs = np.log(values)  # log axis: the band is computed on the log losses
+    half = stats.t.ppf(0.975, 2) * logs.std(axis=0, ddof=1) / np.sqrt(3)
     for band, lower, upper in (
-        (Band.CI95, values.mean(0) - half, values.mean(0) + half),
+        (Band.CI95, np.exp(logs.mean(0) - half), np.exp(logs.mean(0) + half)),
         (Band.MINMAX, values.min(0), values.max(0)),
     ):
         fig = plot_benchmark(results, benchmark="mnist_ae", axes=(Axis.EPOCH,), band=band)
@@ -720,4 +725,6 @@ def test_a_benchmark_run_by_several_presets_gets_a_figure_per_preset(tmp_path: P
     assert title.startswith("mnist_ae (a): mean over seeds")
     means = _lines(fig.axes[0], "mean:")
     assert list(means) == ["adam"]  # one group: study_b's runs are not pooled in
-    assert means["adam"].get_ydata()[-1] == pytest.approx(40.5)
+    assert means["adam"].get_ydata()[-1] == pytest.approx(
+        stats.gmean([40.0, 41.0])
+    )  # geometric on log y

@@ -10,8 +10,10 @@ from torch.testing import assert_close
 from core.likelihood import Likelihood
 from optimizers.curvature import (
     Conv2dBlock,
+    GroupedConvBlock,
     LinearBlock,
     all_finite,
+    classify,
     make_block,
     robust_eigh,
     squares_finite,
@@ -212,12 +214,20 @@ def test_param_layout_round_trip() -> None:
     assert torch.equal(block.grad_matrix(), mat)
 
 
-def test_unsupported_layers_get_no_block() -> None:
-    assert make_block(nn.Conv2d(4, 4, 3, groups=2)) is None
-    assert make_block(nn.BatchNorm1d(3)) is None
+def test_unsupported_layers_get_no_block_and_a_reason() -> None:
+    assert isinstance(make_block(nn.Conv2d(4, 4, 3, groups=2)), GroupedConvBlock)
+    block, why = classify(nn.BatchNorm1d(3))
+    assert block is None and why is not None and "normalisation" in why
     frozen = nn.Linear(2, 2)
     frozen.weight.requires_grad_(False)
-    assert make_block(frozen) is None
+    block, why = classify(frozen)
+    assert block is None and why is not None and "weight frozen" in why
+    frozen.requires_grad_(False)
+    assert classify(frozen) == (None, None)  # nothing to train, nothing to report
+    half = nn.Linear(2, 3)
+    half.bias.requires_grad_(False)
+    block = make_block(half)
+    assert block is not None and not block.has_bias and block.shape == (3, 2)
 
 
 class _FailingOnce:
