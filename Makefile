@@ -70,8 +70,9 @@ figures: install ## Figures, tables, report: results/reference -> figures/refere
 report: install ## The study's report (docs/report.md) and README/docs/study.md results, from results/reference
 	$(PY) -m analyze.reproduction --results results/reference
 
-bench: install ## Step-cost ratios, per-stage K-FAC timings, memory (JSON + Markdown in bench/out)
+bench: install ## Step-cost ratios, per-stage K-FAC timings, memory, data-parallel K-FAC on 2 CPU ranks (bench/out)
 	$(PY) -m bench --out bench/out
+	$(PY) -m bench.distributed --ranks 1,2 --out bench/out
 
 bench-ttt: install ## Time to target on mnist_ae: equal-budget grid, winners rerun on 3 seeds (~17 min)
 	$(PY) -m bench --time-to-target --out bench/out

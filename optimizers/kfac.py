@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from core.likelihood import IGNORE_INDEX, Likelihood, PositionReduction
 from core.settings import bounded, check_settings, parse_enum, settings_from
 from optimizers.curvature import KFACBlock, classify, ema_decay
+from optimizers.distributed import DataParallel, data_parallel_for
 from optimizers.enums import DampingMode, FisherType
 
 # Bounds of the adaptively adjusted damping λ.
@@ -234,6 +235,17 @@ class KFAC(torch.optim.Optimizer):
         self._pending_generator: tuple[str, Tensor] | None = None
         self.last_nu: Tensor | None = None
         self.last_rho: float | None = None
+        # Data-parallel strategy (optimizers.distributed) when torch.distributed runs several
+        # ranks; None in a single process. Refuses an unwrapped model or unsupported settings.
+        self.data_parallel: DataParallel | None = data_parallel_for(
+            model, what=type(self).__name__, unsupported=self.data_parallel_unsupported()
+        )
+
+    def data_parallel_unsupported(self) -> list[str]:
+        """Settings that read rank-local data and so cannot run data-parallel (empty: none)."""
+        if self.adaptive_damping:
+            return ["adaptive_damping=true (its reduction ratio compares rank-local losses)"]
+        return []
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: Any) -> Any:
@@ -435,6 +447,8 @@ class KFAC(torch.optim.Optimizer):
         block.save_output_grad(grad, rows=rows, scale=factor, micro=micro, call=call)
 
     def _mc_generator(self, device: torch.device) -> torch.Generator:
+        if self.data_parallel is not None:  # per-rank stream, seeded by (seed, rank, stats step)
+            return self.data_parallel.mc_generator(self, device)
         gen = self._generator
         if gen is not None and gen.device == device:
             return gen
@@ -603,10 +617,13 @@ class KFAC(torch.optim.Optimizer):
 
     def update_inverses(self) -> None:
         """Recompute every block's damped inverse from its current factors."""
-        retries = 0
-        for block in self.blocks:
-            if block.num_updates > 0:
-                retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
+        if self.data_parallel is not None:
+            retries = self.data_parallel.update_inverses(self)
+        else:
+            retries = 0
+            for block in self.blocks:
+                if block.num_updates > 0:
+                    retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
         self._note_retries(retries)
         self.counters.inverse_updates += 1
 
@@ -669,7 +686,10 @@ class KFAC(torch.optim.Optimizer):
             except RuntimeError:
                 self._micro = 0  # the step is not taken: the next capture starts afresh
                 raise
-            self.update_statistics()
+            if self.data_parallel is not None:  # local fold, then averaged over the ranks
+                self.data_parallel.update_statistics(self)
+            else:
+                self.update_statistics()
             self.release_statistics()
         self._outputs = {}
         self._micro = 0

@@ -209,6 +209,29 @@ class TwoLevelKFAC(KFAC):
             f"downsample={self.coarse_downsample.value}"
         )
 
+    def data_parallel_unsupported(self) -> list[str]:
+        """K-FAC's, plus coarse levels that read the rank-local latest batch."""
+        out = super().data_parallel_unsupported()
+        cfg = self.config  # read from the config: called from K-FAC's constructor
+        assert isinstance(cfg, TwoLevelKFACConfig)
+        active = cfg.omega2 > 0 and bool(self.blocks)
+        if active and cfg.coarse_space is not CoarseSpace.nicolaides:
+            out.append(f"coarse_space={cfg.coarse_space.value} (only nicolaides)")
+        if active and cfg.combination is not Combination.additive:
+            out.append(f"combination={cfg.combination.value} (only additive)")
+        return out
+
+    def coarse_running_statistics(self) -> tuple[list[Tensor | None], list[tuple[int, ...]]]:
+        """The Nicolaides running coarse statistics (None before the first) and their shapes.
+
+        Read and overwritten in place by the data-parallel reduction (optimizers.distributed).
+        """
+        size = len(self.blocks)
+        if self.coarse_fisher is CoarseFisher.kron:
+            moments = self._moments or (None, None)
+            return list(moments), [(size, size), (size, size)]
+        return [self._exact_fisher], [(size, size)]
+
     # ------------------------------------------------------------------ curvature stages
     def layer_stats(self) -> list[LayerStats] | None:
         """Captured (ā, g) of every block (latest statistics step); None if any is missing."""

@@ -18,7 +18,9 @@ from core.errors import ConfigError
 from core.settings import bounded, check_settings, one_of, required
 from datasets.config import DataConfig
 from models.config import SCHEMAS as MODEL_SCHEMAS
+from optimizers.distributed import InverseStrategy
 from optimizers.registry import SCHEMAS as OPTIMIZER_SCHEMAS
+from suite.distributed import Launch
 from suite.presets import register_help_resolver
 from suite.sweep import register_resolvers
 
@@ -82,6 +84,9 @@ class TrainerConfig:
     diverge_loss: float = bounded(1.0e8, gt=0)  # a batch loss above this (or not finite) diverges
     diagnostics: bool = False  # curvature diagnostics at evaluations (small models only)
     progress: bool = True
+    distributed: Launch = Launch.none  # none | auto | torchrun | slurm (suite/distributed.py)
+    # K-FAC over several ranks: inverses on every rank (redundant) or split and broadcast
+    distributed_inverses: InverseStrategy = InverseStrategy.redundant
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -131,6 +136,8 @@ class TuningConfig:
     grid: dict[str, dict[str, list[Any]]] = field(
         default_factory=dict
     )  # optimizer preset -> {setting: [values]}; one trial per point
+    study: str | None = None  # the campaign (benchmark) a study preset belongs to (analyze.study)
+    arm: str | None = None  # the arm of that campaign this preset tunes (analyze.study)
 
     def __post_init__(self) -> None:
         check_settings(self)

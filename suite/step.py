@@ -108,9 +108,10 @@ def take_step(
     x: Tensor,
     target: Tensor,
     *,
-    diverge_loss: float = math.inf,
+    diverge_loss: float | None = math.inf,
 ) -> StepOutcome:
-    """`train_step`, also returning the (detached) model output of the step's forward pass."""
+    """`train_step`, also returning the (detached) model output of the step's forward pass;
+    ``diverge_loss=None`` leaves the divergence check to the caller (e.g. after ranks agree)."""
     if is_curvature_optimizer(optimizer):
         assert isinstance(optimizer, CurvatureOptimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -132,6 +133,6 @@ def take_step(
         loss.backward()
         optimizer.step()
     value = float(loss.detach())
-    if not math.isfinite(value) or value > diverge_loss:
+    if diverge_loss is not None and (not math.isfinite(value) or value > diverge_loss):
         raise RunDiverged(f"batch loss {value:g}")
     return StepOutcome(value, output.detach())

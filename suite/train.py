@@ -25,6 +25,7 @@ from core.likelihood import Likelihood
 from datasets import DataBundle, Split, load_dataset
 from models import build_model
 from optimizers.registry import build_optimizer, family_of
+from suite import distributed
 from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.console import print_end_of_run
 from suite.environment import code_version, collect_environment
@@ -164,6 +165,7 @@ class Trainer:
         self.stop = StopRequested()
         self.lock: FolderLock | None = None
         self.resumed_summary: dict[str, Any] = {}
+        self.ranks_agree: bool | None = None  # parameters identical on every rank at the end
 
     # ----------------------------------------------------------------- setup
     def _setup(self) -> None:
@@ -171,7 +173,8 @@ class Trainer:
         validate_config(cfg)
         if cfg.trainer.threads is not None:
             torch.set_num_threads(int(cfg.trainer.threads))
-        self.device = resolve_device(str(_value(cfg.trainer.device)))
+        self.ranks = distributed.resolve_ranks(_value(cfg.trainer.distributed))
+        self.device = distributed.start(self.ranks, resolve_device(str(_value(cfg.trainer.device))))
         self.dtype = torch.float64 if _value(cfg.trainer.dtype) == "float64" else torch.float32
         self.likelihood = Likelihood(_value(cfg.model.likelihood))
         self.family = family_of(cfg.optimizer)
@@ -198,10 +201,13 @@ class Trainer:
                 f"got {cfg.trainer.batch_size}; allowed: at most the {self.data.train.x.shape[0]} "
                 f"training examples of {self.data.variant}",
             )
+        self.local_rows = distributed.local_slice(self.ranks, int(cfg.trainer.batch_size))
         torch.manual_seed(seed)
         self.model = build_model(cfg.model).to(device=self.device, dtype=self.dtype)
         self._check_model_fits()
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.train_model = distributed.wrap_model(self.ranks, self.model)  # DDP with several ranks
+        self.optimizer = build_optimizer(self.train_model, cfg.optimizer)
+        distributed.set_inverse_strategy(self.optimizer, _value(cfg.trainer.distributed_inverses))
         describe = getattr(self.optimizer, "describe", None)
         self.optimizer_description = (
             describe() if callable(describe) else type(self.optimizer).__name__
@@ -256,7 +262,10 @@ class Trainer:
 
     def _claim_resumed(self) -> RunFolder | None:
         """The run to continue (explicit ``trainer.resume`` or this job's own after a requeue),
-        locked, with ``self.cfg``/``self.ctx`` replaced by the run's own; None for a new run."""
+        with ``self.cfg``/``self.ctx`` replaced by the run's own; None for a new run.
+
+        Every rank reads the same files here, before the process group starts (so before any
+        rank writes); rank 0 locks the folder after setup (`_run`)."""
         cfg = self.cfg
         explicit = cfg.trainer.resume
         self.job_key = job_key(cfg)
@@ -283,7 +292,6 @@ class Trainer:
                     f"{why} in '{explicit}'; allowed: a run folder with checkpoint.pt "
                     "(trainer.keep_checkpoint=true keeps it for extending a completed run)",
                 )
-        self._lock(folder)
         summary = folder.read_summary()
         stored = load_config(folder.read_config())
         presets = {"model": str(summary["model"]), "optimizer": str(summary["optimizer"])}
@@ -355,6 +363,8 @@ class Trainer:
             },
             "seed": int(cfg.trainer.seed),
             "batch_size": int(cfg.trainer.batch_size),
+            "world_size": self.ranks.world,
+            "ranks_identical_params": self.ranks_agree,
             "device": str(self.device),
             "likelihood": self.likelihood.value,
             "loss_reduction": LOSS_REDUCTION,
@@ -391,6 +401,8 @@ class Trainer:
         return summary
 
     def _write(self, status: RunStatus, **extra: Any) -> dict[str, Any]:
+        if not self.ranks.is_main:  # only rank 0 writes
+            return {}
         self.folder.write_metrics(self.record)
         summary = self._summary(status, **extra)
         self.folder.write_summary(summary)
@@ -398,6 +410,8 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
     def _evaluate(self) -> None:
+        if not self.ranks.is_main:  # rank 0 evaluates and records
+            return
         row: dict[str, float] = {
             "step": self.progress.step,
             "epoch": self.progress.step / self.steps_per_epoch,
@@ -437,20 +451,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _step(self, x: Tensor, target: Tensor) -> float:
-        """One `suite.step.take_step`; keeps the output for the train-mode batch accuracy."""
+        """One `suite.step.take_step` (the model DDP-wrapped over several ranks); the loss and
+        any stop request are agreed by every rank, so all ranks diverge or stop together."""
         try:
             outcome = take_step(
-                self.model,
-                self.optimizer,
-                self.likelihood,
-                x,
-                target,
-                diverge_loss=float(self.cfg.trainer.diverge_loss),
+                self.train_model, self.optimizer, self.likelihood, x, target, diverge_loss=None
             )
-        except RunDiverged as err:
+        except RunDiverged as err:  # only with diverge_loss set; kept for the type checker
             raise RunDiverged(f"{err} at step {self.progress.step + 1}") from None
         self.last_output = outcome.output
-        return outcome.loss
+        asked = self.stop.signal is not None
+        value, stop = distributed.agree(self.ranks, outcome.loss, asked)
+        if stop and self.stop.signal is None:  # another rank was asked to stop: stop together
+            self.stop.signal = signal.SIGTERM
+        if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
+            raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
+        return value
 
     def _plateau_loss(self) -> float:
         """The loss the plateau schedule watches: the test (else val, train) loss of this epoch."""
@@ -464,6 +480,8 @@ class Trainer:
         raise RuntimeError("no evaluation loss for the plateau schedule")
 
     def _checkpoint(self) -> None:
+        if not self.ranks.is_main:  # the state is held once, by rank 0
+            return
         save_checkpoint(
             self.folder.checkpoint_path,
             model=self.model,
@@ -476,6 +494,8 @@ class Trainer:
         self._last_checkpoint_step = self.progress.step
 
     def _checkpoint_due(self) -> bool:
+        if not self.ranks.is_main:
+            return False
         t = self.cfg.trainer
         if (
             t.checkpoint_every_steps is not None
@@ -498,7 +518,18 @@ class Trainer:
     def _run(self) -> RunStatus:
         resumed = self._claim_resumed()
         self._setup()
-        self.folder = resumed if resumed is not None else self._create_folder()
+        if not self.ranks.is_main:
+            return self._follow()
+        try:
+            if resumed is not None:  # one writer per folder; the same number of ranks
+                self._lock(resumed)
+                distributed.check_resume_ranks(self.resumed_summary, self.ranks)
+                self._check_extends(resumed)
+            self.folder = resumed if resumed is not None else self._create_folder()
+        except ConfigError as err:
+            distributed.share(self.ranks, err)  # the other ranks stop with the same error
+            raise
+        distributed.share(self.ranks, (str(self.folder.path), resumed is not None))
         self._caller_ctx.run_folder = self.folder.path
         self._remember_job()
         self.started_at = utc_now()
@@ -506,15 +537,6 @@ class Trainer:
         self.progress = Progress()
         if resumed is not None:
             self.started_at = self.resumed_summary.get("started_at") or self.started_at
-            done = self.resumed_summary.get("steps_completed") or 0
-            if self.resumed_summary.get("status") == RunStatus.COMPLETED.value and (
-                self.total_steps <= done
-            ):
-                raise ConfigError(
-                    "trainer.resume",
-                    f"run '{self.folder.path}' is already completed ({done} steps); allowed: "
-                    "a larger trainer.epochs or trainer.max_steps to extend it",
-                )
             self.progress, self.record = load_checkpoint(
                 self.folder.checkpoint_path,
                 model=self.model,
@@ -547,6 +569,7 @@ class Trainer:
         try:
             with self.stop.installed():
                 status = self._train()
+            self.ranks_agree = distributed.params_agree(self.ranks, self.model)
         except RunDiverged as err:
             status = RunStatus.DIVERGED
             summary = self._write(
@@ -561,7 +584,9 @@ class Trainer:
             return status
         except BaseException as err:
             message = str(err).splitlines()[0] if str(err) else type(err).__name__
-            interrupted = isinstance(err, KeyboardInterrupt)
+            interrupted = isinstance(err, KeyboardInterrupt) or distributed.is_peer_failure(
+                self.ranks, err
+            )
             status = RunStatus.INTERRUPTED if interrupted else RunStatus.FAILED
             summary = self._write(status, error=f"{type(err).__name__}: {message}")
             self.logger.finish(summary)
@@ -586,6 +611,18 @@ class Trainer:
         self._tell(summary)
         return RunStatus.COMPLETED
 
+    def _check_extends(self, folder: RunFolder) -> None:
+        """A completed run continues only when the config asks for more steps than it took."""
+        done = self.resumed_summary.get("steps_completed") or 0
+        if self.resumed_summary.get("status") == RunStatus.COMPLETED.value and (
+            self.total_steps <= done
+        ):
+            raise ConfigError(
+                "trainer.resume",
+                f"run '{folder.path}' is already completed ({done} steps); allowed: "
+                "a larger trainer.epochs or trainer.max_steps to extend it",
+            )
+
     def _tell(self, summary: dict[str, Any]) -> None:
         """The end-of-run block for the user (after the logger closed its files)."""
         print_end_of_run(
@@ -606,6 +643,30 @@ class Trainer:
         """A finished run cannot continue: its checkpoint goes unless the config keeps it."""
         if not self.cfg.trainer.keep_checkpoint:
             self.folder.checkpoint_path.unlink(missing_ok=True)
+
+    def _follow(self) -> RunStatus:
+        """A rank other than 0: train in step with rank 0, write nothing."""
+        shared = distributed.share(self.ranks, None)
+        if isinstance(shared, ConfigError):
+            raise shared
+        path, resumed = shared
+        self.folder = RunFolder(Path(path))
+        self.record, self.progress = RunRecord(), Progress()
+        if resumed:
+            self.progress, self.record = load_checkpoint(
+                self.folder.checkpoint_path,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                device=self.device,
+            )
+        try:
+            with self.stop.installed():
+                status = self._train()
+            distributed.params_agree(self.ranks, self.model)
+            return status
+        except RunDiverged:
+            return RunStatus.DIVERGED
 
     def _train(self) -> RunStatus:
         cfg = self.cfg.trainer
@@ -629,6 +690,7 @@ class Trainer:
                 epoch_done = False
                 while not epoch_done and p.step < self.total_steps:
                     idx = order[p.batch_in_epoch * batch : (p.batch_in_epoch + 1) * batch]
+                    idx = idx[self.local_rows]  # this rank's rows of the global batch
                     x, target = train.x[idx], train_targets[idx]
                     start = time.perf_counter()
                     loss = self._step(x, target)
@@ -700,6 +762,9 @@ class RunOutcome:
 def run(cfg: DictConfig, ctx: RunContext) -> RunOutcome:
     """Run one job; the entry point that run.py (and tests, bench/) call."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    trainer = Trainer(cfg, ctx)
-    status = trainer.run()
-    return RunOutcome(status=status, folder=trainer.folder.path)
+    try:
+        trainer = Trainer(cfg, ctx)
+        status = trainer.run()
+        return RunOutcome(status=status, folder=trainer.folder.path)
+    finally:
+        distributed.stop()

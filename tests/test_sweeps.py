@@ -18,7 +18,9 @@ from tests.conftest import FAST, run_cli
 
 EXPERIMENTS = group_options("experiment")
 TUNING_PRESETS = [e for e in EXPERIMENTS if e.startswith("tune_")]
-BENCHMARK_PRESETS = [e for e in EXPERIMENTS if not e.startswith("tune_")]
+# The arms of a study campaign (docs/study.md): tuning presets of one benchmark each.
+STUDY_PRESETS = [e for e in EXPERIMENTS if e.startswith("study_")]
+BENCHMARK_PRESETS = [e for e in EXPERIMENTS if not e.startswith(("tune_", "study_"))]
 # Reproductions of a paper carry its first author's name; the others are the suite's own studies.
 PAPER_PRESETS = [e for e in BENCHMARK_PRESETS if e.startswith(("tselepidis_", "koroko_"))]
 
@@ -47,6 +49,14 @@ def test_every_benchmark_preset_has_a_tuning_preset() -> None:
         assert f"tune_{name}" in TUNING_PRESETS, f"no tuning preset for {name}"
     for name in TUNING_PRESETS:
         assert name.removeprefix("tune_") in BENCHMARK_PRESETS, f"{name} tunes no benchmark"
+
+
+@pytest.mark.parametrize("name", STUDY_PRESETS)
+def test_study_arm_presets_compose_with_their_campaign(name: str) -> None:
+    cfg = compose_full([f"experiment={name}"])
+    assert cfg.experiment == name and cfg.tuning.study in BENCHMARK_PRESETS
+    assert cfg.tuning.arm and cfg.data.val_fraction > 0 and cfg.tuning.stage == "tune"
+    validate_config(compose_job([f"experiment={name}"]))  # equal budget: every grid has `budget`
 
 
 def family(optimizer: str) -> str:
