@@ -203,33 +203,14 @@ def test_source_settings_study_groups_preset_runs_into_arms(tmp_path: Path) -> N
                 final=final,
                 config=source_config("ok", arm, **changes),
             )
-    # same arm, another epoch budget: not the study's settings
-    write_run(
-        root,
-        arm="kfac",
-        optimizer="kfac",
-        seed=8,
-        final=90.0,
-        config=source_config("epochs", "kfac", **{"trainer.epochs": 20}),
+    odd: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+        ("kfac", "kfac", "epochs", {"trainer.epochs": 20}),  # not the study's settings
+        ("kfac2", "kfac2", "damping", {"optimizer.damping": 0.1}),  # not the arm's settings
+        ("sgd", "kfac", "sgd", {"optimizer.name": "sgd"}),  # outside the arms: not joined
     )
-    # K-FAC with another damping: not the arm's settings (the study's are still shared)
-    write_run(
-        root,
-        arm="kfac2",
-        optimizer="kfac2",
-        seed=8,
-        final=90.0,
-        config=source_config("damping", "kfac2", **{"optimizer.damping": 0.1}),
-    )
-    # an optimizer outside the study's arms: not joined
-    write_run(
-        root,
-        arm="sgd",
-        optimizer="sgd",
-        seed=0,
-        final=150.0,
-        config=source_config("sgd", "kfac", **{"optimizer.name": "sgd"}),
-    )
+    for arm, preset, tag, changes in odd:
+        config = source_config(tag, preset, **changes)
+        write_run(root, arm=arm, optimizer=arm, seed=8, final=90.0, config=config)
     runs = load_study([root])
     arms = {(r.arm, r.seed, r.usable) for r in runs}
     assert {r.study for r in runs} == {SOURCE} and {r.stage for r in runs} == {"final"}
