@@ -158,15 +158,16 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
 
 def source_settings_lines(study: str) -> list[str]:
     """What replaces the tuning section of a benchmark compared at its source's settings."""
-    arms = ", ".join(
-        f"{arm_name(arm)} ({', '.join(f'{k} {v}' for k, v in settings)})"
+    arms = "; ".join(
+        f"`{arm}`: {', '.join(f'{k} {v}' for k, v in settings)}"
         for arm, settings in SOURCE_STUDIES[study].arms
     )
     return [
         f"No tuning: a comparison at the source's own settings, not a tuned one. Every arm runs "
-        f"the preset `{study}` with its settings unchanged except the optimizer ({arms}); "
-        "the runs are checked to share every other setting (differing runs are left out, "
-        "below). Seeds fix the generated data, initialisation, batch order and MC samples.",
+        f"the preset `{study}` with its settings unchanged except the optimizer, whose arm is "
+        f"read from each run's optimizer settings ({arms}). The runs are checked to share every "
+        "other setting (a run that differs is left out of the claims and listed). Seeds fix "
+        "the generated data, initialisation, batch order and MC samples.",
         "",
     ]
 
