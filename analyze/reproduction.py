@@ -37,6 +37,7 @@ from analyze.study import (
     tuning_outcome,
 )
 from suite.metrics import LEARNED_MARGIN
+from suite.store import RunStatus
 
 REPORT_PATH = Path("docs/report.md")
 README_PATH = Path("README.md")
@@ -367,6 +368,19 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
         lines.append(f"- {row.study}, {c.label}: **{word}** ({why}).")
     for study in sorted({r.study for r in runs}):
         for arm, outcome in arm_outcomes(runs, study).items():
+            failed = [
+                r
+                for r in outcome.excluded
+                if r.status == RunStatus.COMPLETED.value and not r.learned
+            ]
+            if outcome.usable and failed:
+                lines.append(
+                    f"- {study}, {arm_name(arm)}: {len(failed)} of {len(outcome.runs)} final runs "
+                    "did not learn (final running train loss "
+                    f"{mean_std([r.final_running_loss for r in failed])} against the trivial "
+                    f"baseline {fmt(failed[0].baseline_train_loss)}); their seeds are out of "
+                    "its pairs."
+                )
             if outcome.runs and not outcome.usable:
                 tuned = tuning_outcome(runs, arm)
                 learned_trials = sum(

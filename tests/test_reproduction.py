@@ -134,6 +134,10 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     # two-level within 0.02 of K-FAC on every seed: equivalent within ±1 % of K-FAC's mean
     assert "equivalent within ±1.002" in lines["two-level (paper) vs K-FAC"]
     assert "did not learn: final running loss 199" in report
+    assert (
+        "- toy_study, SGD: 1 of 8 final runs did not learn (final running train loss 199 (n 1) "
+        "against the trivial baseline 200); their seeds are out of its pairs." in report
+    )
     assert "- toy_study, K-FAC vs Adam: **better** (8 pairs, A − B = -50" in report
     assert "| K-FAC | lr {0.1, 0.3} | 2 | 2 | lr 0.3 | 99 | lr |" in report  # winner on the edge
     # a trial beyond the edge is reported beside the winner, not counted in the budget
