@@ -24,6 +24,7 @@ from analyze.stats import ALPHA, EQUIVALENCE_MARGIN_REL, min_exact_p
 from analyze.study import (
     ARM_NAMES,
     EXTENSION_STAGE,
+    SOURCE_STUDIES,
     ArmOutcome,
     StudyRun,
     StudyVerdictRow,
@@ -36,6 +37,7 @@ from analyze.study import (
     tuning_outcome,
 )
 from suite.metrics import LEARNED_MARGIN
+from suite.store import RunStatus
 
 REPORT_PATH = Path("docs/report.md")
 README_PATH = Path("README.md")
@@ -130,13 +132,14 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
     for arm, outcome in outcomes.items():
         usable = outcome.usable
         ttt = time_to_target(outcome, target)
+        reached = f"{ttt.reached} / {ttt.n}" if math.isfinite(target) else "–"
         walls = [r.wall_clock_s for r in outcome.runs if math.isfinite(r.wall_clock_s)]
         lines.append(
             f"| {arm_name(arm)} | {len(usable)} / {len(outcome.runs)} "
             f"| {mean_std([r.final_running_loss for r in usable])} "
             f"| {mean_std([r.final_running_loss_per_output for r in usable])} "
             f"| {mean_std([r.final_test_loss for r in usable])} "
-            f"| {ttt.reached} / {ttt.n} | {fmt(ttt.median_steps)} | {fmt(ttt.median_wall_s, 3)} "
+            f"| {reached} | {fmt(ttt.median_steps)} | {fmt(ttt.median_wall_s, 3)} "
             f"| {fmt(float(np.median(walls)) if walls else math.nan, 3)} |"
         )
     lines.append("")
@@ -148,7 +151,26 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
             "measured on a shared, heavily loaded 2-core machine and is only indicative."
         )
         lines.append("")
+    else:
+        lines.append("No first-order arm on this benchmark, so no time-to-target.")
+        lines.append("")
     return lines
+
+
+def source_settings_lines(study: str) -> list[str]:
+    """What replaces the tuning section of a benchmark compared at its source's settings."""
+    arms = "; ".join(
+        f"`{arm}`: {', '.join(f'{k} {v}' for k, v in settings)}"
+        for arm, settings in SOURCE_STUDIES[study].arms
+    )
+    return [
+        f"No tuning: a comparison at the source's own settings, not a tuned one. Every arm runs "
+        f"the preset `{study}` with its settings unchanged except the optimizer, whose arm is "
+        f"read from each run's optimizer settings ({arms}). The runs are checked to share every "
+        "other setting (a run that differs is left out of the claims and listed). Seeds fix "
+        "the generated data, initialisation, batch order and MC samples.",
+        "",
+    ]
 
 
 def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
@@ -282,7 +304,10 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         arms = sorted({r.arm for r in runs if r.study == study}, key=arm_rank)
         out.extend([f"## {study}", "", *_protocol_lines(runs, study)])
         out.extend(published_lines(model, outcomes))
-        out.extend(["### Tuning (equal budget per arm)", "", *tuning_table(runs, arms)])
+        if study in SOURCE_STUDIES:
+            out.extend(["### Settings (no tuning)", "", *source_settings_lines(study)])
+        else:
+            out.extend(["### Tuning (equal budget per arm)", "", *tuning_table(runs, arms)])
         out.extend(
             ["### Final runs (fresh seeds)", "", *outcome_table(outcomes, target, target_arm)]
         )
@@ -343,6 +368,19 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
         lines.append(f"- {row.study}, {c.label}: **{word}** ({why}).")
     for study in sorted({r.study for r in runs}):
         for arm, outcome in arm_outcomes(runs, study).items():
+            failed = [
+                r
+                for r in outcome.excluded
+                if r.status == RunStatus.COMPLETED.value and not r.learned
+            ]
+            if outcome.usable and failed:
+                lines.append(
+                    f"- {study}, {arm_name(arm)}: {len(failed)} of {len(outcome.runs)} final runs "
+                    "did not learn (final running train loss "
+                    f"{mean_std([r.final_running_loss for r in failed])} against the trivial "
+                    f"baseline {fmt(failed[0].baseline_train_loss)}); their seeds are out of "
+                    "its pairs."
+                )
             if outcome.runs and not outcome.usable:
                 tuned = tuning_outcome(runs, arm)
                 learned_trials = sum(
@@ -351,10 +389,17 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
                 trials = (
                     "" if tuned is None else f"; {learned_trials} of {tuned.trials} tuning trials"
                 )
+                done = [r for r in outcome.runs if math.isfinite(r.final_running_loss)]
+                level = (
+                    f"; final running train loss {mean_std([r.final_running_loss for r in done])}"
+                    f" against the trivial baseline {fmt(done[0].baseline_train_loss)}"
+                    if done
+                    else ""
+                )
                 lines.append(
                     f"- {study}, {arm_name(arm)}: no final run learned "
-                    f"(0 of {len(outcome.runs)}{trials} learned), so none of its comparisons "
-                    "can be tested."
+                    f"(0 of {len(outcome.runs)}{trials} learned{level}), so none of its "
+                    "comparisons can be tested."
                 )
     return [*lines, ""]
 
@@ -377,16 +422,17 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
     for study in sorted({r.study for r in runs}):
         outcomes = arm_outcomes(runs, study)
         target, target_arm = study_target(outcomes)
-        baseline = next(r.baseline_train_loss for r in runs if r.study == study)
+        first = next(r for r in runs if r.study == study)
+        predictor = first.baseline_predictor or "best constant predictor"
         lines.append(
-            f"{study}: trivial baseline {fmt(baseline)} (mean image); final running train loss "
-            "per arm (mean ± std, n usable seeds):"
+            f"{study}: trivial baseline {fmt(first.baseline_train_loss)} ({predictor}); final "
+            "running train loss per arm (mean ± std, n usable seeds):"
         )
         lines.append("")
+        if study in SOURCE_STUDIES:
+            lines.extend(source_settings_lines(study))
         lines.extend(outcome_table(outcomes, target, target_arm))
-        lines.extend(
-            [f"{study}: compute actually spent (runs were concurrent; wall-clock per run):", ""]
-        )
+        lines.extend([f"{study}: compute actually spent (wall-clock summed over runs):", ""])
         lines.extend(compute_table(runs, study))
     return "\n".join(lines).rstrip() + "\n"
 

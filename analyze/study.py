@@ -9,14 +9,23 @@ the train-mode mini-batch losses (``train_running_loss``; computed from metrics_
 runs recorded before the column existed). A final run enters a claim only when it completed and
 *learned* (its final running loss at least ``LEARNED_MARGIN`` below the trivial baseline, the
 best constant predictor); every other final run is listed with its reason.
+
+A benchmark can also be compared *at its source's own settings* (``SOURCE_SETTINGS_STUDIES``):
+no tuning budget, every arm runs the author-named preset with only the optimizer changed. Its
+runs record no tuning node; they join by the experiment name in their summary, their arm is
+read from their optimizer settings, and all of them count as final runs. A run whose settings
+(apart from the optimizer, the seed and bookkeeping that cannot change a trajectory) differ
+from the rest of its study, or whose optimizer settings differ from the rest of its arm, is
+listed with the differing keys and left out of the claims.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -55,8 +64,10 @@ COMPARISONS = (
     ComparisonSpec("K-FAC vs SGD", "kfac", "sgd"),
     ComparisonSpec("two-level accumulate vs rebuild", "kfac2_accumulate", "kfac2"),
     ComparisonSpec("two-level (Koroko exact) vs K-FAC", "kfac2_exact", "kfac"),
+    ComparisonSpec("two-level authors' code (accumulate) vs rebuild", "kfac2_authors", "kfac2"),
+    ComparisonSpec("two-level authors' code (accumulate) vs K-FAC", "kfac2_authors", "kfac"),
 )
-ARM_ORDER = ("sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_exact")
+ARM_ORDER = ("sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_authors", "kfac2_exact")
 ARM_NAMES = {
     "sgd": "SGD",
     "adam": "Adam",
@@ -64,7 +75,67 @@ ARM_NAMES = {
     "kfac2": "two-level K-FAC (paper, rebuild)",
     "kfac2_accumulate": "two-level K-FAC (paper, authors' accumulating coarse matrix)",
     "kfac2_exact": "two-level K-FAC (Koroko: Nicolaides, exact coarse Fisher)",
+    "kfac2_authors": "two-level K-FAC (authors' paper-time code: accumulate, nearest)",
 }
+
+
+@dataclass(frozen=True)
+class SourceSettingsStudy:
+    """A benchmark compared at its source's settings: one author-named preset, no tuning.
+
+    ``arms``: arm -> the optimizer settings (config ``optimizer.<key>``) that identify it; the
+    first arm whose settings all match a run's takes it, a run matching none is not part of it.
+    """
+
+    experiment: str  # the preset's experiment name (summary ``experiment``); also the study name
+    arms: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+
+    def arm_of(self, optimizer: dict[str, Any]) -> str | None:
+        """The arm a run with these optimizer settings belongs to (None: not an arm)."""
+        for arm, settings in self.arms:
+            if all(str(optimizer.get(k)) == v for k, v in settings):
+                return arm
+        return None
+
+
+SOURCE_SETTINGS_STUDIES = (
+    # Tselepidis et al.'s deep-linear toy at small scale (issue 17 item 5: does the paper's gain
+    # need the authors' accumulating coarse matrix?); kfac2_authors = conf/optimizer/kfac2_authors
+    SourceSettingsStudy(
+        experiment="tselepidis_deep_linear_small",
+        arms=(
+            ("kfac", (("name", "kfac"),)),
+            (
+                "kfac2",
+                (("name", "kfac2"), ("coarse_refresh", "rebuild"), ("coarse_downsample", "centre")),
+            ),
+            (
+                "kfac2_authors",
+                (
+                    ("name", "kfac2"),
+                    ("coarse_refresh", "accumulate"),
+                    ("coarse_downsample", "nearest"),
+                ),
+            ),
+        ),
+    ),
+)
+SOURCE_STUDIES = {s.experiment: s for s in SOURCE_SETTINGS_STUDIES}
+# config keys that cannot change a trajectory (where results go, logging, resuming, progress)
+BOOKKEEPING_KEYS = frozenset(
+    {
+        "experiment",
+        "tuning",
+        "results",
+        "logger",
+        "trainer.seed",
+        "trainer.progress",
+        "trainer.resume",
+        "trainer.checkpoint_every_steps",
+        "trainer.checkpoint_every_minutes",
+        "trainer.keep_checkpoint",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -103,16 +174,22 @@ class StudyRun:
     learned: bool
     wall_clock_s: float
     curve: EpochCurve = field(repr=False)
+    settings: dict[str, Any] = field(default_factory=dict, repr=False)  # flat config, for checks
+    settings_mismatch: str = ""  # source-settings studies: keys that differ from the study's
 
     @property
     def usable(self) -> bool:
-        """Whether the run may enter a claim: completed and learned."""
-        return self.status == RunStatus.COMPLETED.value and self.learned
+        """Whether the run may enter a claim: completed, learned, same settings as its study."""
+        return (
+            self.status == RunStatus.COMPLETED.value and self.learned and not self.settings_mismatch
+        )
 
     def exclusion_reason(self) -> str | None:
         """Why the run is left out of claims (None when it is not)."""
         if self.status != RunStatus.COMPLETED.value:
             return f"status {self.status}"
+        if self.settings_mismatch:
+            return f"settings differ from the rest of its study or arm: {self.settings_mismatch}"
         if not self.learned:
             return (
                 f"did not learn: final running loss {self.final_running_loss:.4g} vs "
@@ -187,14 +264,41 @@ def _arm(summary: dict[str, Any]) -> str:
     return str(summary.get("optimizer")) if arm == MULTI_OPTIMIZER_ARM or len(grids) > 1 else arm
 
 
+def flat_settings(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``config`` as dotted keys (``trainer.epochs``), lists and scalars as leaves."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_settings(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _source_study(summary: dict[str, Any], config: dict[str, Any]) -> tuple[str, str] | None:
+    """(study, arm) of a run of a source-settings study, else None."""
+    if summary.get("tuning"):
+        return None
+    study = SOURCE_STUDIES.get(str(summary.get("experiment")))
+    if study is None:
+        return None
+    arm = study.arm_of(config.get("optimizer") or {})
+    return None if arm is None else (study.experiment, arm)
+
+
 def read_study_run(path: Path) -> StudyRun | None:
     """A campaign run (None when the folder is not one or cannot be read)."""
     try:
         summary = json.loads((path / "summary.json").read_text())
+        config = yaml.safe_load((path / "config.yaml").read_text())
         tuning = summary.get("tuning")
+        source = _source_study(summary, config)
+        if source is not None:
+            tuning = {"study": source[0], "arm": source[1], "stage": FINAL_STAGE}
+            summary = {**summary, "tuning": tuning}
         if not isinstance(tuning, dict) or not tuning.get("study"):
             return None
-        config = yaml.safe_load((path / "config.yaml").read_text())
         curve = _curve(path)
     except (OSError, ValueError, KeyError, yaml.YAMLError):
         return None
@@ -233,7 +337,58 @@ def read_study_run(path: Path) -> StudyRun | None:
         else bool(complete and learned(running, baseline)),
         wall_clock_s=_float(summary.get("wall_clock_s")),
         curve=curve,
+        settings={
+            k: v
+            for k, v in flat_settings(config).items()
+            if k not in BOOKKEEPING_KEYS and k.split(".")[0] not in BOOKKEEPING_KEYS
+        },
     )
+
+
+def _mismatches(group: Sequence[StudyRun], keys: Callable[[str], bool]) -> dict[str, str]:
+    """run id -> the keys (of ``keys``) where it differs from the group's most common value.
+
+    A key is compared only among the runs that record it (a setting added after older runs
+    were recorded is absent from their config); ties go to the earliest run's value.
+    """
+    modal: dict[str, Any] = {}
+    for key in sorted({k for r in group for k in r.settings if keys(k)}):
+        values = [repr(r.settings[key]) for r in group if key in r.settings]
+        counts = Counter(values)
+        top = max(counts.values())
+        modal[key] = next(v for v in values if counts[v] == top)
+    out = {}
+    for run in group:
+        differ = [
+            f"{k} {run.settings[k]!r} (others {modal[k]})"
+            for k in modal
+            if k in run.settings and repr(run.settings[k]) != modal[k]
+        ]
+        if differ:
+            out[run.run_id] = "; ".join(differ)
+    return out
+
+
+def check_source_settings(runs: Sequence[StudyRun]) -> list[StudyRun]:
+    """Runs of source-settings studies marked when their settings differ from their study's.
+
+    Apart from the optimizer, every run of the study must share its settings; within an arm,
+    the optimizer settings too. Other runs are returned unchanged.
+    """
+    marks: dict[str, list[str]] = {}
+    for study in SOURCE_STUDIES:
+        of_study = sorted((r for r in runs if r.study == study), key=lambda r: r.run_id)
+        found = [_mismatches(of_study, lambda k: not k.startswith("optimizer."))]
+        for arm in sorted({r.arm for r in of_study}):
+            group = [r for r in of_study if r.arm == arm]
+            found.append(_mismatches(group, lambda k: k.startswith("optimizer.")))
+        for mismatch in found:
+            for run_id, text in mismatch.items():
+                marks.setdefault(run_id, []).append(text)
+    return [
+        replace(r, settings_mismatch="; ".join(marks[r.run_id])) if r.run_id in marks else r
+        for r in runs
+    ]
 
 
 def load_study(roots: Sequence[Path]) -> list[StudyRun]:
@@ -244,6 +399,7 @@ def load_study(roots: Sequence[Path]) -> list[StudyRun]:
             run = read_study_run(path)
             if run is not None:
                 runs.append(run)
+    runs = check_source_settings(runs)
     return sorted(runs, key=lambda r: (r.study, arm_rank(r.arm), r.stage, r.seed, r.run_id))
 
 

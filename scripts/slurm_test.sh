@@ -7,7 +7,10 @@
 #   3. `scontrol requeue` of a job that mirrors to W&B (offline): SLURM sends SIGTERM to every
 #      process of the job, W&B's service included; the run must stop with a checkpoint, resume
 #      in the same run folder after the requeue, keep one W&B offline folder, and end with
-#      metrics bitwise equal to an uninterrupted run of the same config.
+#      metrics bitwise equal to an uninterrupted run of the same config;
+#   4. data-parallel K-FAC through the launcher: kfac and kfac2 jobs of 2 tasks each
+#      (trainer.distributed=slurm) must end with identical parameters on both ranks and the
+#      batch losses of the single-process run on the same global batch (float64).
 # Daemons are stopped by PID on exit. Needs root and slurmctld/slurmd/munge (see
 # scripts/slurm_local.sh). KEEP=1 keeps the temporary folder; PY picks the interpreter.
 set -euo pipefail
@@ -58,7 +61,7 @@ release_requeued() {  # JOB: wait until it is pending again, then release it
   say "job $1 requeued; released"
 }
 
-parts=${SLURM_TEST_PARTS:-1 2 3}  # e.g. SLURM_TEST_PARTS=3 runs only the W&B requeue
+parts=${SLURM_TEST_PARTS:-1 2 3 4}  # e.g. SLURM_TEST_PARTS=3 runs only the W&B requeue
 part() { [[ " $parts " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- 1. sweep through SLURM
@@ -169,6 +172,46 @@ offline = sorted((folder / "wandb").glob("offline-run-*"))
 assert len(offline) == 1 and offline[0].name.endswith(folder.name), offline
 print(f"slurm_test: wandb requeue ok: {folder.name} resumed after scontrol requeue, {steps} "
       "steps bitwise equal to the uninterrupted run, one W&B offline folder", file=sys.stderr)
+EOF
+fi
+
+# ------------------------------ 4. one run over 2 SLURM tasks (data-parallel K-FAC, kfac2)
+if part 4; then
+say "data-parallel: kfac,kfac2 over 2 tasks per job vs one process"
+dp=(optimizer=kfac,kfac2 optimizer.fisher=empirical optimizer.cov_period=2 optimizer.inv_period=6
+  trainer.max_steps=12 trainer.dtype=float64 trainer.eval_every_steps=6 trainer.threads=1)
+"$PY" run.py -m "${common[@]}" "${dp[@]}" trainer.distributed=slurm \
+  hydra.launcher.tasks_per_node=2 hydra.launcher.cpus_per_task=1 \
+  results.root="$work/ddp" hydra.sweep.dir="$work/ddp_sweep" >"$work/ddp.log" 2>&1 ||
+  { cat "$work/ddp.log" >&2; tail -n 40 "$work"/ddp_sweep/.submitit/*/*_log.err >&2; exit 1; }
+"$PY" run.py -m "${base[@]}" logger=none "${dp[@]}" results.root="$work/ddp_reference" \
+  hydra.sweep.dir="$work/ddp_reference_sweep" >"$work/ddp_reference.log" 2>&1 ||
+  { cat "$work/ddp_reference.log" >&2; exit 1; }
+"$PY" - "$work/ddp" "$work/ddp_reference" <<'EOF'
+import json, sys
+from pathlib import Path
+import numpy as np
+import pandas as pd
+def runs(root):
+    out = {}
+    for path in Path(root).glob("*/summary.json"):
+        summary = json.loads(path.read_text())
+        out[summary["optimizer"]] = (summary, path.parent)
+    return out
+ours, reference = runs(sys.argv[1]), runs(sys.argv[2])
+assert sorted(ours) == sorted(reference) == ["kfac", "kfac2"], (sorted(ours), sorted(reference))
+for name, (summary, folder) in sorted(ours.items()):
+    assert summary["status"] == "completed", (name, summary["status"])
+    assert summary["world_size"] == 2, (name, summary.get("world_size"))
+    assert summary["ranks_identical_params"] is True, (name, summary.get("ranks_identical_params"))
+    mine = pd.read_parquet(folder / "metrics_steps.parquet")["batch_loss"].to_numpy()
+    single = pd.read_parquet(reference[name][1] / "metrics_steps.parquet")["batch_loss"].to_numpy()
+    assert len(mine) == len(single) == 12, (name, len(mine), len(single))
+    # float64 round-off of a different reduction order only (sum over 2 ranks vs one batch)
+    np.testing.assert_allclose(mine, single, rtol=1e-9, atol=0)
+print("slurm_test: data-parallel ok: kfac, kfac2 over 2 SLURM tasks, identical parameters on "
+      "both ranks, batch losses equal to the single-process run (float64, rtol 1e-9)",
+      file=sys.stderr)
 EOF
 fi
 say "OK"

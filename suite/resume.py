@@ -4,7 +4,8 @@
   Overrides given with it are refused (one line naming them) unless they leave the run's
   results unchanged (``RESUMABLE``: progress bar, threads, checkpoint cadence, logger, ...) or
   only extend it (``EXTENDABLE``: a larger ``trainer.epochs`` / ``trainer.max_steps``); an
-  override equal to the stored value is accepted as a no-op.
+  override equal to the stored value is accepted as a no-op. How the process was launched
+  (``LAUNCH``: ``trainer.distributed``) always comes from the command line.
 - Automatic resume (a requeued job, a re-launched sweep) follows a pointer in the job's Hydra
   folder named by a hash of the job's full resolved config (seed included): another config
   sharing the folder (a fixed ``hydra.run.dir``) never finds it. The same config finds it, which
@@ -40,6 +41,9 @@ RESUMABLE = (
 )
 RESUMABLE_GROUPS = ("logger", "launcher", "hydra")  # whole groups (and their settings)
 EXTENDABLE = ("trainer.epochs", "trainer.max_steps")  # only larger values (a longer run)
+# How this process was launched: always the given value (a different number of ranks is refused
+# by the trainer, `suite.distributed.check_resume_ranks`).
+LAUNCH = ("trainer.distributed",)
 PRESET_GROUPS = ("model", "optimizer")  # compared by preset name with the run's summary
 
 
@@ -89,6 +93,8 @@ def resume_config(
 ) -> DictConfig:
     """The config a resumed run continues with: the stored one plus the allowed overrides."""
     effective = stored.copy()
+    for key in LAUNCH:
+        OmegaConf.update(effective, key, _plain(OmegaConf.select(given, key)), merge=False)
     refused: list[str] = []
     for override in overrides:
         key = _key(override)
@@ -105,6 +111,8 @@ def resume_config(
         given_value = _plain(OmegaConf.select(given, key, default=None))
         stored_value = _plain(OmegaConf.select(stored, key, default=None))
         known = OmegaConf.select(stored, key, default=_ABSENT) is not _ABSENT
+        if key in LAUNCH:
+            continue
         if key in RESUMABLE or (key in EXTENDABLE and _larger(key, given_value, stored_value)):
             OmegaConf.update(effective, key, given_value, merge=False)
         elif given_value != stored_value or not known:

@@ -709,7 +709,7 @@ class Trainer:
                     if self.classifier:
                         row["batch_acc"] = batch_accuracy(self.likelihood, self.last_output, target)
                     self.record.steps.append(row)
-                    if p.step % self._log_every == 0:
+                    if self.ranks.is_main and p.step % self._log_every == 0:  # rank 0 logs
                         self.logger.log(row, step=p.step)
                     bar.update(1)
                     bar.set_postfix(
@@ -725,7 +725,8 @@ class Trainer:
                         self._evaluate()
                         self._write(RunStatus.RUNNING)
                     if epoch_done and self.plateau:  # the authors step on the test loss
-                        self.scheduler.step(self._plateau_loss())
+                        watched = self._plateau_loss() if self.ranks.is_main else None
+                        self.scheduler.step(distributed.share(self.ranks, watched))
                     if self.stop.signal is not None:
                         return RunStatus.INTERRUPTED
                     if self._checkpoint_due():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from analyze.reproduction import (
 from analyze.study import load_study
 
 REPO = Path(__file__).resolve().parent.parent
+SOURCE = "tselepidis_deep_linear_small"  # a study at its source's settings (analyze.study)
 BASELINE = 200.0
 EPOCHS = 3
 STEPS_PER_EPOCH = 4
@@ -37,8 +39,13 @@ def write_run(
     status: str = "completed",
     val: float | None = None,
     lr: float = 0.1,
+    config: dict[str, Any] | None = None,
 ) -> None:
-    """A run folder as the trainer writes it, the last epoch's mini-batch losses all ``final``."""
+    """A run folder as the trainer writes it, the last epoch's mini-batch losses all ``final``.
+
+    With ``config`` the run is a plain preset run (no tuning node, experiment ``arm``'s study
+    name ``SOURCE``), as the runs of a source-settings study are.
+    """
     run_id = f"{arm}_{stage}_s{seed}_lr{lr}"
     path = root / run_id
     path.mkdir(parents=True)
@@ -83,8 +90,12 @@ def write_run(
         "baseline_predictor": "mean image (bernoulli)",
         "tuning": {"study": "toy_study", "arm": arm, "stage": stage, "grid": grid, "budget": 2},
     }
+    if config is not None:
+        summary.update(tuning=None, experiment=SOURCE, run_id=f"{run_id}_{config['tag']}")
+        config = {k: v for k, v in config.items() if k != "tag"}
+        path = path.rename(path.with_name(summary["run_id"]))
     (path / "summary.json").write_text(json.dumps(summary))
-    (path / "config.yaml").write_text(yaml.safe_dump({"model": {"name": "mnist_ae"}}))
+    (path / "config.yaml").write_text(yaml.safe_dump(config or {"model": {"name": "mnist_ae"}}))
 
 
 @pytest.fixture
@@ -123,6 +134,10 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     # two-level within 0.02 of K-FAC on every seed: equivalent within ±1 % of K-FAC's mean
     assert "equivalent within ±1.002" in lines["two-level (paper) vs K-FAC"]
     assert "did not learn: final running loss 199" in report
+    assert (
+        "- toy_study, SGD: 1 of 8 final runs did not learn (final running train loss 199 (n 1) "
+        "against the trivial baseline 200); their seeds are out of its pairs." in report
+    )
     assert "- toy_study, K-FAC vs Adam: **better** (8 pairs, A − B = -50" in report
     assert "| K-FAC | lr {0.1, 0.3} | 2 | 2 | lr 0.3 | 99 | lr |" in report  # winner on the edge
     # a trial beyond the edge is reported beside the winner, not counted in the budget
@@ -147,3 +162,83 @@ def test_committed_readme_and_reports_match_the_stored_results() -> None:
     files = generated_files([REPO / "results" / "reference"], REPO)
     stale = [str(p.relative_to(REPO)) for p, text in files.items() if p.read_text() != text]
     assert not stale, f"stale generated files (run `make report`): {stale}"
+
+
+def source_config(tag: str, optimizer: str, **changes: Any) -> dict[str, Any]:
+    """A preset run's config: ``changes`` as dotted keys (``trainer.epochs``); None drops one."""
+    config: dict[str, Any] = {
+        "tag": tag,
+        "model": {"name": "deep_linear", "depth": 64},
+        "optimizer": {"name": "kfac", "lr": 0.01, "damping": 0.001},
+        "trainer": {"epochs": 13, "seed": 0, "progress": False, "grad_accumulation": 1},
+        "logger": {"backend": "none"},
+        "results": {"root": "results/reference"},
+    }
+    if optimizer != "kfac":
+        refresh, downsample = (
+            ("rebuild", "centre") if optimizer == "kfac2" else ("accumulate", "nearest")
+        )
+        config["optimizer"].update(
+            name="kfac2", coarse_refresh=refresh, coarse_downsample=downsample
+        )
+    for key, value in changes.items():
+        section, name = key.split(".")
+        if value is None:
+            del config[section][name]
+        else:
+            config[section][name] = value
+    return config
+
+
+def test_source_settings_study_groups_preset_runs_into_arms(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    offsets = [0.3, -0.2, 0.5, 0.1, -0.1, 0.4, 0.2, 0.0]
+    for seed in range(8):
+        kfac = 100.0 + offsets[seed]
+        for arm, final in (("kfac", kfac), ("kfac2", kfac - 5.0), ("kfac2_authors", 199.5)):
+            changes: dict[str, Any] = {"trainer.seed": seed, "trainer.progress": seed == 3}
+            if seed < 2:  # recorded before grad_accumulation existed: compared where recorded
+                changes["trainer.grad_accumulation"] = None
+            write_run(
+                root,
+                arm=arm,
+                optimizer=arm,
+                seed=seed,
+                final=final,
+                config=source_config("ok", arm, **changes),
+            )
+    odd: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
+        ("kfac", "kfac", "epochs", {"trainer.epochs": 20}),  # not the study's settings
+        ("kfac2", "kfac2", "damping", {"optimizer.damping": 0.1}),  # not the arm's settings
+        ("sgd", "kfac", "sgd", {"optimizer.name": "sgd"}),  # outside the arms: not joined
+    )
+    for arm, preset, tag, changes in odd:
+        config = source_config(tag, preset, **changes)
+        write_run(root, arm=arm, optimizer=arm, seed=8, final=90.0, config=config)
+    runs = load_study([root])
+    arms = {(r.arm, r.seed, r.usable) for r in runs}
+    assert {r.study for r in runs} == {SOURCE} and {r.stage for r in runs} == {"final"}
+    assert {a for a, _, _ in arms} == {"kfac", "kfac2", "kfac2_authors"}
+    assert ("kfac", 8, False) in arms and ("kfac2", 8, False) in arms
+    usable = [r for r in runs if r.usable]
+    assert {(r.arm, r.seed) for r in usable} == {
+        (arm, seed) for arm in ("kfac", "kfac2") for seed in range(8)
+    }
+    reasons = {r.run_id: r.exclusion_reason() for r in runs if not r.usable}
+    assert "trainer.epochs 20 (others 13)" in reasons["kfac_final_s8_lr0.1_epochs"]
+    assert "optimizer.damping 0.1 (others 0.001)" in reasons["kfac2_final_s8_lr0.1_damping"]
+    assert all("did not learn" in v for k, v in reasons.items() if "authors" in k)
+    report = render_report(runs)
+    assert "No tuning: a comparison at the source's own settings" in report
+    lines = {
+        line.split("|")[2].strip(): line for line in report.splitlines() if f"{SOURCE} |" in line
+    }
+    # two-level 5 below K-FAC on all 8 seeds: exact p 2/256 = 0.0078, Holm over 1 testable row
+    assert lines["two-level (paper) vs K-FAC"].rstrip().endswith("**better** |")
+    assert "| 8/9, 8/9 | 8 |" in lines["two-level (paper) vs K-FAC"]
+    assert "| 0/8, 8/9 | 0 |" in lines["two-level authors' code (accumulate) vs rebuild"]
+    assert "| 0/8, 8/9 | 0 |" in lines["two-level authors' code (accumulate) vs K-FAC"]
+    assert (
+        "0 of 8 learned; final running train loss 199.5 ± 0 (n 8) against the trivial "
+        "baseline 200" in report
+    )

@@ -1,5 +1,6 @@
 """A real SLURM round trip: one-node cluster on localhost, a sweep, requeues (SIGUSR2, and
-``scontrol requeue`` of a W&B-logging job) and bitwise-exact resumes."""
+``scontrol requeue`` of a W&B-logging job), bitwise-exact resumes, and one data-parallel K-FAC
+run over 2 SLURM tasks."""
 
 from __future__ import annotations
 
@@ -33,3 +34,4 @@ def test_sweep_and_requeue_through_a_local_slurm() -> None:
     assert "sweep ok: 2 run folders completed" in done.stderr
     assert "requeue ok: resumed" in done.stderr
     assert "wandb requeue ok:" in done.stderr
+    assert "data-parallel ok:" in done.stderr

@@ -74,7 +74,7 @@ def test_small_preset_kfac_learns(preset: str, tmp_path: Path) -> None:
          "logger=none", "trainer.progress=false", "trainer.threads=1", f"results.root={tmp_path}"]
     )  # fmt: skip
     ctx = RunContext(model_preset=choices["model"], optimizer_preset=choices["optimizer"])
-    assert run(cfg, ctx) is RunStatus.COMPLETED
+    assert run(cfg, ctx).status is RunStatus.COMPLETED
     (folder,) = find_run_folders(tmp_path)
     summary = read_run(folder).summary
     assert summary["status"] == RunStatus.COMPLETED.value
