@@ -18,9 +18,6 @@ SMALL = sorted(
     if p.stem.startswith(("tselepidis_", "koroko_"))
 )
 MIN_REFRESHES = 10  # inverse refreshes a run (issue #16)
-# Presets that sweep SGD/Adam beside K-FAC cannot set K-FAC's periods; these still fall short
-# (docs/fidelity.md, "Left"). The test fails once one of them is fixed, so the list stays true.
-SHORT = {"koroko_mnist_ae_small", "koroko_curves_ae_small", "koroko_fmnist_deep_linear_small"}
 
 
 def inverse_refreshes(preset: str) -> int | None:
@@ -39,7 +36,25 @@ def test_small_preset_refreshes_inverses_at_least_ten_times(preset: str) -> None
     refreshes = inverse_refreshes(preset)
     if refreshes is None:
         pytest.skip(f"{preset}: data not available offline")
-    assert (refreshes >= MIN_REFRESHES) is (preset not in SHORT), (preset, refreshes)
+    assert refreshes >= MIN_REFRESHES, (preset, refreshes)
+
+
+FIRST_ORDER = sorted(  # halves of author presets split per optimizer family
+    p.stem
+    for p in (ROOT / "conf" / "experiment").glob("*_small_first_order.yaml")
+    if p.stem.startswith(("tselepidis_", "koroko_"))
+)
+
+
+@pytest.mark.parametrize("half", FIRST_ORDER)
+def test_first_order_half_records_the_same_experiment_with_the_same_protocol(half: str) -> None:
+    """A preset split per optimizer family stays one experiment: same name, data and trainer."""
+    preset = half.removesuffix("_first_order")
+    kfac = compose_job([f"experiment={preset}", "optimizer=kfac"])
+    first_order = compose_job([f"experiment={half}", "optimizer=sgd"])
+    assert first_order.experiment == kfac.experiment == preset
+    assert first_order.data == kfac.data and first_order.model == kfac.model
+    assert first_order.trainer == kfac.trainer
 
 
 # Small presets whose K-FAC must get clearly below the trivial baseline within LEARN_STEPS steps
@@ -67,3 +82,14 @@ def test_small_preset_kfac_learns(preset: str, tmp_path: Path) -> None:
         summary["final_train_running_loss"],
         summary["baseline_train_loss"],
     )
+
+
+@pytest.mark.parametrize("half", FIRST_ORDER)
+def test_tuning_preset_keeps_the_small_kfac_periods(half: str) -> None:
+    """The tuning grid of a split preset gives its K-FAC family the preset's periods."""
+    preset = half.removesuffix("_first_order")
+    kfac = compose_job([f"experiment={preset}", "optimizer=kfac"]).optimizer
+    grid = compose_job([f"experiment=tune_{preset}"]).tuning.grid
+    for family in ("kfac", "kfac2"):
+        assert list(grid[family].cov_period) == [kfac.cov_period], family
+        assert list(grid[family].inv_period) == [kfac.inv_period], family
