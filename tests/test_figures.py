@@ -3,6 +3,7 @@ running losses, and the source papers' counterparts."""
 
 from __future__ import annotations
 
+import json
 import math
 from itertools import combinations
 from pathlib import Path
@@ -16,7 +17,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 from scipy import stats
 
-from analyze.aggregate import Axis, Band, groups_of
+from analyze.aggregate import Axis, Band, GroupKey, groups_of
 from analyze.build import BuildOptions, build_all
 from analyze.labels import MAX_LABEL_CHARS, Caption
 from analyze.load import ResultsSet, load_results
@@ -26,6 +27,7 @@ from analyze.plots import (
     plot_benchmark,
     plot_main,
     plot_profile,
+    settings_off_default,
 )
 from analyze.running import RUNNING_LOSS, running_means, with_running_loss
 from analyze.source_plots import plot_source
@@ -434,3 +436,15 @@ def test_build_writes_source_counterparts_and_captions(crowded: Path, tmp_path: 
     assert fig.get_suptitle().startswith("tselepidis_mnist_ae_small")
     fig = plot_source(with_running_loss(out.results), preset="koroko_cifar10_small")
     assert [ax.get_xlabel() for ax in fig.axes] == [Axis.EPOCH.label, Axis.WALL.label]
+
+
+def test_headline_tie_break_prefers_the_optimizer_defaults() -> None:
+    """Among groups with as many seeds, the overview shows the one closest to the defaults."""
+
+    def key(**settings: object) -> GroupKey:
+        setting = json.dumps({"name": "kfac2", "damping": 0.001, **settings}, sort_keys=True)
+        return GroupKey("mnist_ae", "mnist-5k", "kfac2", setting)
+
+    assert settings_off_default(key(coarse_refresh="rebuild")) == 0
+    assert settings_off_default(key(coarse_refresh="accumulate")) == 1
+    assert settings_off_default(key(coarse_refresh="accumulate", damping=0.1)) == 2
