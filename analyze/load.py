@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from optimizers.registry import FAMILIES
 from suite.store import EVAL_COLUMNS, RunStatus, find_run_folders, read_run
 
 
@@ -313,11 +314,31 @@ def budget_of(config_text: str) -> dict[str, Any]:
     return {key: trainer[key] for key in BUDGET_KEYS if key in trainer}
 
 
+# Optimizer settings added after committed runs were recorded, whose schema default does what
+# those runs did: a run recording the default groups with the runs that predate the setting.
+ADDED_LATER = ("grad_accumulation", "coarse_refresh", "coarse_downsample")
+
+
+def _default_of(family: str, name: str) -> Any:
+    schema = FAMILIES[family].schema if family in FAMILIES else None
+    for f in fields(schema) if schema is not None else ():
+        if f.name == name and f.default is not MISSING:
+            return getattr(f.default, "value", f.default)
+    return MISSING
+
+
 def setting_of(summary: dict[str, Any], budget: dict[str, Any] | None = None) -> str:
-    """Canonical text of what besides the seed defines a run: scale, budget, hyperparameters."""
+    """Canonical text of what besides the seed defines a run: scale, budget, hyperparameters
+    (``ADDED_LATER`` settings left out at their default)."""
     hyper = summary.get("hyperparameters") or {}
     if not isinstance(hyper, dict):
         hyper = {"hyperparameters": str(hyper)}
+    family = str(hyper.get("name", summary.get("optimizer")))
+    hyper = {
+        k: v
+        for k, v in hyper.items()
+        if not (k in ADDED_LATER and str(_default_of(family, k)) == str(v))
+    }
     canonical: dict[str, Any] = {"scale": summary.get("scale")}
     if summary.get("batch_size") is not None:
         canonical["batch_size"] = summary["batch_size"]

@@ -40,6 +40,7 @@ FAMILY_NAMES = {
     "adam": "Adam",
     "kfac": "K-FAC (one-level)",
     "kfac2": "K-FAC (two-level)",
+    "kfac2_authors": "K-FAC (two-level, authors' accumulating coarse matrix)",
 }
 
 

@@ -20,7 +20,7 @@ from scipy import stats
 from analyze.aggregate import Axis, Band, GroupKey, groups_of
 from analyze.build import BuildOptions, build_all
 from analyze.labels import MAX_LABEL_CHARS, Caption
-from analyze.load import ResultsSet, load_results
+from analyze.load import ResultsSet, load_results, setting_of
 from analyze.plots import (
     MAX_GROUPS_PER_AXIS,
     group_pages,
@@ -448,3 +448,11 @@ def test_headline_tie_break_prefers_the_optimizer_defaults() -> None:
     assert settings_off_default(key(coarse_refresh="rebuild")) == 0
     assert settings_off_default(key(coarse_refresh="accumulate")) == 1
     assert settings_off_default(key(coarse_refresh="accumulate", damping=0.1)) == 2
+
+
+def test_settings_added_later_group_with_runs_that_predate_them() -> None:
+    """A run recording a later-added setting at its default groups with the older runs."""
+    old = {"scale": "small", "optimizer": "kfac", "hyperparameters": {"name": "kfac", "lr": 0.01}}
+    new = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "grad_accumulation": 1}}
+    other = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "grad_accumulation": 2}}
+    assert setting_of(new) == setting_of(old) != setting_of(other)
