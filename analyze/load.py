@@ -319,7 +319,9 @@ def budget_of(config_text: str) -> dict[str, Any]:
 ADDED_LATER = ("grad_accumulation", "coarse_refresh", "coarse_downsample")
 
 
-def _default_of(family: str, name: str) -> Any:
+def schema_default(family: str, name: str) -> Any:
+    """The default of optimizer setting ``name`` in ``family``'s schema (enum members as their
+    value); ``dataclasses.MISSING`` when the family or setting has none."""
     schema = FAMILIES[family].schema if family in FAMILIES else None
     for f in fields(schema) if schema is not None else ():
         if f.name == name and f.default is not MISSING:
@@ -337,7 +339,7 @@ def setting_of(summary: dict[str, Any], budget: dict[str, Any] | None = None) ->
     hyper = {
         k: v
         for k, v in hyper.items()
-        if not (k in ADDED_LATER and str(_default_of(family, k)) == str(v))
+        if not (k in ADDED_LATER and str(schema_default(family, k)) == str(v))
     }
     canonical: dict[str, Any] = {"scale": summary.get("scale")}
     if summary.get("batch_size") is not None:

@@ -27,7 +27,7 @@ import json
 import math
 import textwrap
 from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from analyze.aggregate import (
     seed_mean,
 )
 from analyze.labels import Caption, GroupLabel, short_labels, shorten_names
-from analyze.load import ResultsSet
+from analyze.load import ResultsSet, schema_default
 from analyze.stats import Profile
 from analyze.style import (
     BAND_ALPHA,
@@ -68,7 +68,6 @@ from analyze.style import (
     is_loss,
     metric_label,
 )
-from optimizers.registry import FAMILIES
 
 PANEL_WIDTH_IN = 2.7
 PANEL_HEIGHT_IN = 2.1
@@ -180,16 +179,12 @@ def _log_ticks(ax: Axes) -> None:
 def settings_off_default(key: GroupKey) -> int:
     """How many of a group's optimizer settings differ from its family's schema defaults."""
     mine = json.loads(key.setting)
-    family = FAMILIES.get(str(mine.get("name", key.optimizer)))
-    if family is None:
-        return 0
-    defaults = {f.name: f.default for f in fields(family.schema)}
+    family = str(mine.get("name", key.optimizer))
+    defaults = {name: schema_default(family, name) for name in mine}
     return sum(
         1
         for name, value in mine.items()
-        if name in defaults
-        and defaults[name] is not MISSING
-        and str(getattr(defaults[name], "value", defaults[name])) != str(value)
+        if defaults[name] is not MISSING and str(defaults[name]) != str(value)
     )
 
 
