@@ -106,7 +106,7 @@ def _build_deep_linear(cfg: DeepLinearConfig) -> nn.Module:
         output_dim=cfg.output_dim,
         batchnorm=cfg.batchnorm,
         output_bias=cfg.output_bias,
-        kaiming=DeepLinearInit(getattr(cfg.init, "value", cfg.init)) is DeepLinearInit.kaiming,
+        init=DeepLinearInit(getattr(cfg.init, "value", cfg.init)),
     )
 
 

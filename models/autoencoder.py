@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.config import Activation, Init
+from models.config import KOROKO_BIAS, Activation, Init
 
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {
     Activation.logistic: nn.Sigmoid,
@@ -84,6 +84,9 @@ class DeepAutoencoder(nn.Module):
                 gain = nn.init.calculate_gain(XAVIER_GAIN[activation])
                 nn.init.xavier_uniform_(linear.weight, gain=gain)
                 nn.init.zeros_(linear.bias)
+            elif init is Init.xavier_unit:
+                nn.init.xavier_uniform_(linear.weight)
+                nn.init.constant_(linear.bias, KOROKO_BIAS)
             modules.append(linear)
             if i != last and i + 1 != self.code_index:
                 modules.append(ACTIVATIONS[activation]())

@@ -28,12 +28,17 @@ class Activation(str, Enum):
     relu = "relu"
 
 
+# Koroko et al.'s constant bias init (natural-gradients@97105b6 apps/mlp_cnn/initializations.py:11).
+KOROKO_BIAS = 0.01
+
+
 class Init(str, Enum):
     """Weight initialisation of the autoencoders."""
 
     sparse = "sparse"  # Martens 2010: 15 nonzero N(0, 1) incoming weights per unit, zero biases
     pytorch = "pytorch"  # torch.nn.Linear's default (uniform, fan-in scaled)
     xavier = "xavier"  # Xavier-uniform with the activation's gain, zero biases (Tselepidis' AE)
+    xavier_unit = "xavier_unit"  # Xavier-uniform, gain 1, biases KOROKO_BIAS (Koroko et al.)
 
 
 class CNNArch(str, Enum):
@@ -74,6 +79,7 @@ class DeepLinearInit(str, Enum):
 
     pytorch = "pytorch"  # torch.nn.Linear's default
     kaiming = "kaiming"  # kaiming_uniform_(fan_in, relu): the authors' SimpleMLP (toy)
+    xavier_unit = "xavier_unit"  # Xavier-uniform, gain 1, biases KOROKO_BIAS (Koroko et al.)
 
 
 @dataclass

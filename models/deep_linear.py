@@ -6,15 +6,19 @@ import math
 
 from torch import Tensor, nn
 
+from models.config import KOROKO_BIAS, DeepLinearInit
+
 
 class DeepLinearNet(nn.Module):
     """Linear(input_dim, width, no bias) -> BN, then ``depth`` x [Linear(width, width, no bias)
     -> BN], then Linear(width, output_dim) with bias; inputs of any shape are flattened.
 
-    Initialisation: PyTorch defaults (nn.Linear's fan-in-scaled uniform, BN weight 1 and bias
-    0), or with ``kaiming=True`` the two-level authors' SimpleMLP init (KFAC-Pytorch@74b6c7d
+    Initialisation (``init``): PyTorch defaults (nn.Linear's fan-in-scaled uniform, BN weight 1
+    and bias 0); ``kaiming``: the two-level authors' SimpleMLP init (KFAC-Pytorch@74b6c7d
     models/cifar/simple_mlp.py:49): kaiming_uniform_(fan_in, relu) weights, biases
-    U(±1/√fan_in). ``output_bias=False`` drops the output layer's bias (their toy has none).
+    U(±1/√fan_in); ``xavier_unit``: Koroko et al.'s (natural-gradients@97105b6
+    apps/mlp_cnn/initializations.py:7-12): xavier_uniform_ (gain 1) weights, biases 0.01.
+    ``output_bias=False`` drops the output layer's bias (their toy has none).
     """
 
     def __init__(
@@ -26,7 +30,7 @@ class DeepLinearNet(nn.Module):
         output_dim: int,
         batchnorm: bool = True,
         output_bias: bool = True,
-        kaiming: bool = False,
+        init: DeepLinearInit = DeepLinearInit.pytorch,
     ) -> None:
         super().__init__()
         modules: list[nn.Module] = []
@@ -38,13 +42,18 @@ class DeepLinearNet(nn.Module):
             fan_in = width
         modules.append(nn.Linear(width, output_dim, bias=output_bias))
         self.net = nn.Sequential(*modules)
-        if kaiming:
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity="relu")
-                    if layer.bias is not None:
-                        bound = 1.0 / math.sqrt(layer.weight.shape[1])
-                        nn.init.uniform_(layer.bias, -bound, bound)
+        for layer in self.net:
+            if not isinstance(layer, nn.Linear) or init is DeepLinearInit.pytorch:
+                continue
+            if init is DeepLinearInit.kaiming:
+                nn.init.kaiming_uniform_(layer.weight, mode="fan_in", nonlinearity="relu")
+                if layer.bias is not None:
+                    bound = 1.0 / math.sqrt(layer.weight.shape[1])
+                    nn.init.uniform_(layer.bias, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    nn.init.constant_(layer.bias, KOROKO_BIAS)
 
     def forward(self, x: Tensor) -> Tensor:
         """Outputs (B, output_dim): logits for the binary teacher task or the classes."""

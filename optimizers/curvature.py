@@ -372,15 +372,16 @@ class KFACBlock:
         """Whether a damped inverse has been computed."""
         return self.mode is not None
 
-    def update_inverse(self, *, damping: float, mode: DampingMode) -> int:
+    def update_inverse(self, *, damping: float, mode: DampingMode, fixed_pi: float = 1.0) -> int:
         """Stage 4: damped inverse of the current factors; returns how many factorisations retried.
 
-        If every retry fails, the previous inverse is kept and RuntimeError is raised when there
-        is none.
+        ``fixed_pi``: the π of ``factored_unit`` damping (ignored by the other modes). If every
+        retry fails, the previous inverse is kept and RuntimeError is raised when there is none.
         """
         if mode is DampingMode.eigen:
             return self._update_eigen(damping)
-        return self._update_factored(damping, unit=mode is DampingMode.factored_unit)
+        unit = mode is DampingMode.factored_unit
+        return self._update_factored(damping, fixed_pi=fixed_pi if unit else None)
 
     def factor_eigenpairs(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
         """(d_A, Q_A), (d_G, Q_G) of the current factors (eigenvalues clamped at 0).
@@ -415,8 +416,10 @@ class KFACBlock:
         self.eigen_scale = 1.0 / (torch.outer(self.d_G, self.d_A) + damping)
         self.damping = damping
 
-    def _update_factored(self, damping: float, *, unit: bool = False) -> int:
-        pi = 1.0 if unit else factored_pi(self.A, self.G)
+    def _update_factored(self, damping: float, *, fixed_pi: float | None = None) -> int:
+        """Factored damping; π from the factor traces, or ``fixed_pi`` (factored_unit mode)."""
+        unit = fixed_pi is not None
+        pi = fixed_pi if fixed_pi is not None else factored_pi(self.A, self.G)
         root = math.sqrt(damping)
         inv_a = robust_spd_inverse(_plus_diagonal(self.A, pi * root))
         inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
@@ -436,7 +439,8 @@ class KFACBlock:
             self._set_eigen_scale(damping)
             return 0
         if self.mode in (DampingMode.factored, DampingMode.factored_unit):
-            return self._update_factored(damping, unit=self.mode is DampingMode.factored_unit)
+            unit = self.mode is DampingMode.factored_unit
+            return self._update_factored(damping, fixed_pi=self.pi if unit else None)
         return 0
 
     # ------------------------------------------------------------------ stage 5
@@ -677,9 +681,12 @@ class GroupedConvBlock(ConvBlock):
         self.num_updates += 1
         return True
 
-    def update_inverse(self, *, damping: float, mode: DampingMode) -> int:
+    def update_inverse(self, *, damping: float, mode: DampingMode, fixed_pi: float = 1.0) -> int:
         """Every group's damped inverse."""
-        retries = sum(part.update_inverse(damping=damping, mode=mode) for part in self.parts)
+        retries = sum(
+            part.update_inverse(damping=damping, mode=mode, fixed_pi=fixed_pi)
+            for part in self.parts
+        )
         self.mode, self.damping = mode, damping
         return retries
 
@@ -810,11 +817,13 @@ class EmbeddingBlock(KFACBlock):
         self._set_eigen_scale(damping)
         return int(eig_g[2])
 
-    def _update_factored(self, damping: float, *, unit: bool = False) -> int:
+    def _update_factored(self, damping: float, *, fixed_pi: float | None = None) -> int:
+        unit = fixed_pi is not None
         ratio_a = float(self.A.sum()) / self.A.shape[0]
         ratio_g = float(self.G.diagonal().sum()) / self.G.shape[0]
         ok = math.isfinite(ratio_a) and math.isfinite(ratio_g) and ratio_a > 0 and ratio_g > 0
-        pi = math.sqrt(ratio_a / ratio_g) if ok and not unit else 1.0
+        traced = math.sqrt(ratio_a / ratio_g) if ok else 1.0
+        pi = fixed_pi if fixed_pi is not None else traced
         root = math.sqrt(damping)
         inv_g = robust_spd_inverse(_plus_diagonal(self.G, root / pi))
         if inv_g is None:

@@ -264,7 +264,7 @@ class DataParallel:
             shared = []
         retries = sum(  # every rank: the blocks not shared (grouped, embedding: always)
             optimizer.blocks[i].update_inverse(
-                damping=optimizer.damping, mode=optimizer.damping_mode
+                damping=optimizer.damping, mode=optimizer.damping_mode, fixed_pi=optimizer.fixed_pi
             )
             for i in todo
             if i not in shared
@@ -276,7 +276,9 @@ class DataParallel:
         for i, owner in zip(todo, owners, strict=True):
             if owner == self.rank:
                 retries += optimizer.blocks[i].update_inverse(
-                    damping=optimizer.damping, mode=optimizer.damping_mode
+                    damping=optimizer.damping,
+                    mode=optimizer.damping_mode,
+                    fixed_pi=optimizer.fixed_pi,
                 )
         for src in range(self.world):
             mine = [i for i, owner in zip(todo, owners, strict=True) if owner == src]

@@ -11,7 +11,7 @@ class DampingMode(str, Enum):
     # Lower-case canonical names: Hydra/OmegaConf look enum settings up (and dump them) by name.
     factored = "factored"  # (G + (√λ/π) I)^-1 ∇W (A + π√λ I)^-1, π from the factor traces
     eigen = "eigen"  # exact (A ⊗ G + λ I)^-1 in the Kronecker eigenbasis
-    factored_unit = "factored_unit"  # (G + √λ I)^-1 ∇W (A + √λ I)^-1: π = 1 (Koroko et al.)
+    factored_unit = "factored_unit"  # π fixed (setting fixed_pi, default 1: Koroko et al.)
 
 
 class FisherType(str, Enum):

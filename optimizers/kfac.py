@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from core.errors import ConfigError
 from core.likelihood import IGNORE_INDEX, Likelihood, PositionReduction
 from core.settings import bounded, check_settings, parse_enum, settings_from
 from optimizers.curvature import KFACBlock, classify, ema_decay
@@ -89,7 +90,8 @@ class KFACConfig:
     momentum: float = bounded(0.9, ge=0, lt=1)  # heavy-ball momentum μ
     weight_decay: float = bounded(0.0, ge=0)  # wd, added to the preconditioned direction
     damping: float = bounded(1.0e-3, gt=0)  # Tikhonov damping λ (initial value when adaptive)
-    damping_mode: DampingMode = DampingMode.eigen  # eigen | factored
+    damping_mode: DampingMode = DampingMode.eigen  # eigen | factored | factored_unit
+    fixed_pi: float = bounded(1.0, gt=0)  # π of factored_unit: A + π√λ I, G + (√λ/π) I
     fisher: FisherType = FisherType.mc  # mc | empirical
     ema_max: float = bounded(0.95, ge=0, lt=1)  # running-average cap ε_max
     cov_period: int = bounded(10, ge=1, integer=True)  # statistics every T_cov steps
@@ -104,6 +106,17 @@ class KFACConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.fixed_pi != 1.0 and self.damping_mode is not DampingMode.factored_unit:
+            raise ConfigError(
+                "fixed_pi",
+                f"{self.fixed_pi:g} applies to damping_mode factored_unit only (got "
+                f"{self.damping_mode.value}, whose π is {_PI_OF[self.damping_mode]}); "
+                "leave it at 1",
+            )
+
+
+# What π is in each damping mode (for the fixed_pi error message).
+_PI_OF = {DampingMode.eigen: "not used", DampingMode.factored: "from the factor traces"}
 
 
 @dataclass
@@ -188,6 +201,7 @@ class KFAC(torch.optim.Optimizer):
         }
         super().__init__(params, defaults)
         self.damping_mode = cfg.damping_mode
+        self.fixed_pi = float(cfg.fixed_pi)
         self.fisher = cfg.fisher
         self.ema_max = float(cfg.ema_max)
         self.cov_period = cfg.cov_period
@@ -623,7 +637,9 @@ class KFAC(torch.optim.Optimizer):
             retries = 0
             for block in self.blocks:
                 if block.num_updates > 0:
-                    retries += block.update_inverse(damping=self.damping, mode=self.damping_mode)
+                    retries += block.update_inverse(
+                        damping=self.damping, mode=self.damping_mode, fixed_pi=self.fixed_pi
+                    )
         self._note_retries(retries)
         self.counters.inverse_updates += 1
 

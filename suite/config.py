@@ -77,6 +77,9 @@ class TrainerConfig:
     # epochs without improvement; the two-level authors' toy: 10)
     lr_plateau_patience: int | None = bounded(None, ge=0, integer=True, null="off")
     lr_min: float = bounded(1.0e-7, ge=0)  # floor of the plateau schedule (the authors' min_lr)
+    # stop (completed) after this many epochs without a lower epoch-mean running train loss
+    # (Koroko et al.'s EarlyStopping(patience=10) on their train loss); null: run every epoch
+    early_stop_patience: int | None = bounded(None, ge=1, integer=True, null="off")
     checkpoint_every_steps: int | None = bounded(None, ge=1, integer=True, null="off")
     checkpoint_every_minutes: float | None = bounded(10.0, gt=0, null="off")
     resume: str | None = None  # a run folder to continue; None: new run (or auto-requeue)
@@ -168,6 +171,9 @@ class Config:
     experiment: str | None = None  # name of the experiment preset, if any
     scale: Scale | None = None  # scale of that preset
     tuning: TuningConfig | None = None  # the tuning protocol, set by tuning presets
+    # family (sgd, adam, kfac, kfac2) -> settings merged over the chosen optimizer preset, below
+    # the command line (suite/optimizer_settings.py); emptied once applied
+    optimizer_settings: dict[str, Any] = field(default_factory=dict)
 
 
 def register_configs() -> None:

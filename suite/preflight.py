@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from core.errors import ConfigError
 from datasets import load_dataset
 from suite.config import register_configs
+from suite.optimizer_settings import apply_optimizer_settings
 from suite.presets import CONF_DIR, group_options
 from suite.validate import UNKNOWN_SETTING, check_writable, validate_config
 
@@ -136,7 +137,8 @@ def job_overrides(argv: list[str]) -> tuple[str, list[list[str]]] | None:
 def compose_job(overrides: list[str], *, config_name: str = "config") -> DictConfig:
     """Compose the config one job would get (as ``run.py`` would, without running it)."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR), job_name="preflight"):
-        return compose(config_name=config_name, overrides=overrides)
+        cfg = compose(config_name=config_name, overrides=overrides)
+    return apply_optimizer_settings(cfg, overrides) if "optimizer" in cfg else cfg
 
 
 def compose_with_choices(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
@@ -146,7 +148,7 @@ def compose_with_choices(overrides: list[str]) -> tuple[DictConfig, dict[str, st
     choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
     with open_dict(cfg):
         del cfg["hydra"]
-    return cfg, choices
+    return apply_optimizer_settings(cfg, overrides), choices
 
 
 def check_data(cfgs: list[DictConfig]) -> None:

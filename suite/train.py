@@ -30,6 +30,7 @@ from suite.checkpoint import Progress, load_checkpoint, save_checkpoint
 from suite.console import print_end_of_run
 from suite.environment import code_version, collect_environment
 from suite.metrics import batch_accuracy, learned, trivial_baseline, window_mean
+from suite.optimizer_settings import apply_optimizer_settings
 from suite.resume import job_key, load_config, own_run, remember_run, resume_config
 from suite.seeding import seed_everything
 from suite.step import RunDiverged, take_step
@@ -214,6 +215,7 @@ class Trainer:
         )
         self.scheduler: Any = None
         self.plateau = cfg.trainer.get("lr_plateau_patience") is not None
+        self.stopped_early_epoch: int | None = None  # set when early stopping ends the run
         if self.plateau:
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer,
@@ -376,6 +378,7 @@ class Trainer:
             "code_version": code_version()["commit"],
             "tuning": OmegaConf.to_container(cfg.tuning) if cfg.tuning is not None else None,
             "diverged_step": None,
+            "stopped_early_epoch": self.stopped_early_epoch,
             "error": None,
         }
         running = last.get("train_running_loss")
@@ -467,6 +470,26 @@ class Trainer:
         if not math.isfinite(value) or value > float(self.cfg.trainer.diverge_loss):
             raise RunDiverged(f"batch loss {value:g} at step {self.progress.step + 1}")
         return value
+
+    def _stops_early(self) -> bool:
+        """Whether the epoch-mean running train loss has not improved for the patience's epochs.
+
+        Recomputed from the recorded step losses (so a resumed run decides as an uninterrupted
+        one); an epoch improves when its mean is below every earlier epoch's (delta 0).
+        """
+        patience = self.cfg.trainer.get("early_stop_patience")
+        if patience is None:
+            return False
+        per_epoch: dict[int, list[float]] = {}
+        for row in self.record.steps:
+            epoch = (int(row["step"]) - 1) // self.steps_per_epoch
+            per_epoch.setdefault(epoch, []).append(float(row["batch_loss"]))
+        means = [sum(v) / len(v) for _, v in sorted(per_epoch.items())]
+        if len(means) <= patience:
+            return False
+        best_at = min(range(len(means)), key=lambda i: (means[i], i))
+        stop = len(means) - 1 - best_at >= int(patience)
+        return bool(distributed.share(self.ranks, stop if self.ranks.is_main else None))
 
     def _plateau_loss(self) -> float:
         """The loss the plateau schedule watches: the test (else val, train) loss of this epoch."""
@@ -622,6 +645,13 @@ class Trainer:
                 f"run '{folder.path}' is already completed ({done} steps); allowed: "
                 "a larger trainer.epochs or trainer.max_steps to extend it",
             )
+        stopped = self.resumed_summary.get("stopped_early_epoch")
+        if stopped is not None and self.cfg.trainer.get("early_stop_patience") is not None:
+            raise ConfigError(
+                "trainer.resume",
+                f"run '{folder.path}' stopped early at epoch {stopped}; allowed: "
+                "trainer.early_stop_patience=null (or a larger patience) to continue it",
+            )
 
     def _tell(self, summary: dict[str, Any]) -> None:
         """The end-of-run block for the user (after the logger closed its files)."""
@@ -727,6 +757,11 @@ class Trainer:
                     if epoch_done and self.plateau:  # the authors step on the test loss
                         watched = self._plateau_loss() if self.ranks.is_main else None
                         self.scheduler.step(distributed.share(self.ranks, watched))
+                    if epoch_done and self._stops_early():
+                        if not self.record.evals or int(self.record.evals[-1]["step"]) != p.step:
+                            self._evaluate()
+                        self.stopped_early_epoch = p.epoch
+                        return RunStatus.COMPLETED
                     if self.stop.signal is not None:
                         return RunStatus.INTERRUPTED
                     if self._checkpoint_due():
@@ -764,6 +799,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> RunOutcome:
     """Run one job; the entry point that run.py (and tests, bench/) call."""
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
+        apply_optimizer_settings(cfg, ctx.overrides)
         trainer = Trainer(cfg, ctx)
         status = trainer.run()
         return RunOutcome(status=status, folder=trainer.folder.path)

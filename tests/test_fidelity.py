@@ -121,3 +121,91 @@ def test_plateau_and_milestones_do_not_combine() -> None:
     )  # fmt: skip
     with pytest.raises(ConfigError, match="lr_plateau_patience"):
         validate_config(cfg)
+
+
+def test_koroko_damping_on_the_mean_loss_equals_fixed_pi_on_the_summed_loss(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Koroko et al.'s (A + √λ I) ⊗ (G + √λ I) on a per-output-mean loss is factored_unit with
+    π = 1/D, λ·D², η·D, κ·D², wd/D on the summed loss (docs/fidelity.md); π = 1 is not."""
+    lam, lr, kappa, wd = 1.0, 1e-2, 1e-6, 1e-3  # Koroko's λ and wd; κ small so the clip acts
+    koroko = {"damping_mode": "factored_unit", "damping": lam, "lr": lr, "kl_clip": kappa,
+              "weight_decay": wd}  # fmt: skip
+    rescaled = {"damping": lam * OUTPUTS**2, "lr": lr * OUTPUTS, "kl_clip": kappa * OUTPUTS**2,
+                "weight_decay": wd / OUTPUTS, "damping_mode": "factored_unit"}  # fmt: skip
+    summed = trajectory(KFAC, {**rescaled, "fixed_pi": 1.0 / OUTPUTS})
+    unit_pi = trajectory(KFAC, rescaled)
+    two_level = trajectory(TwoLevelKFAC, {**rescaled, "fixed_pi": 1.0 / OUTPUTS})
+    mean_reduced(monkeypatch)
+    mean = trajectory(KFAC, koroko)
+    mean_two_level = trajectory(TwoLevelKFAC, koroko)
+    eps = torch.finfo(D).eps
+    for got, want in ((summed, mean), (two_level, mean_two_level)):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=1e3 * eps, atol=1e3 * eps * scale)
+    assert not torch.allclose(unit_pi, mean)  # π = 1 on the summed loss is another optimizer
+
+
+def test_fixed_pi_needs_factored_unit_damping() -> None:
+    from core.errors import ConfigError
+    from optimizers.kfac import KFACConfig
+
+    assert KFACConfig(damping_mode="factored_unit", fixed_pi=0.5).fixed_pi == 0.5  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"fixed_pi.*factored_unit"):
+        KFACConfig(damping_mode="factored", fixed_pi=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="fixed_pi"):
+        KFACConfig(damping_mode="factored_unit", fixed_pi=0.0)  # type: ignore[arg-type]
+
+
+def test_early_stopping_ends_a_run_whose_running_loss_stops_improving(
+    run_job: Callable[..., tuple[RunStatus, Path]],
+) -> None:
+    # lr 0: the weights never move, so every epoch's running loss is the same up to batch order;
+    # with patience 2 the run stops at an epoch end within a few epochs, as completed.
+    status, folder = run_job(
+        "optimizer=sgd", "optimizer.lr=0", "trainer.epochs=20",
+        "trainer.early_stop_patience=2",
+    )  # fmt: skip
+    run = read_run(folder)
+    assert status is RunStatus.COMPLETED
+    stopped = run.summary["stopped_early_epoch"]
+    steps = run.steps
+    spe = round(1 / float(steps["epoch"].iloc[0]))  # steps an epoch
+    means = steps.groupby((steps["step"] - 1) // spe)["batch_loss"].mean().tolist()
+    assert len(means) == stopped < 20
+    best = means.index(min(means))
+    assert len(means) - 1 - best == 2  # exactly the patience after the best epoch
+    assert run.summary["final_train_running_loss"] is not None
+    assert int(run.evals["step"].iloc[-1]) == len(steps)  # evaluated where it stopped
+
+
+def test_without_early_stopping_every_epoch_runs(
+    run_job: Callable[..., tuple[RunStatus, Path]],
+) -> None:
+    status, folder = run_job("optimizer=sgd", "optimizer.lr=0", "trainer.epochs=4")
+    run = read_run(folder)
+    assert status is RunStatus.COMPLETED and run.summary["stopped_early_epoch"] is None
+    assert run.summary["epochs_completed"] == 4
+
+
+def test_koroko_init_is_unit_gain_xavier_with_biases_at_one_hundredth() -> None:
+    from models.config import DeepLinearInit
+    from models.deep_linear import DeepLinearNet
+
+    torch.manual_seed(0)
+    nets = [
+        DeepAutoencoder([784, 1000, 500, 30, 784], activation=Activation.relu,
+                        init=Init.xavier_unit),
+        DeepLinearNet(depth=3, width=200, input_dim=784, output_dim=10,
+                      init=DeepLinearInit.xavier_unit),
+    ]  # fmt: skip
+    for net in nets:
+        layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        for layer in layers:
+            fan_out, fan_in = layer.weight.shape
+            bound = math.sqrt(6.0 / (fan_in + fan_out))  # gain 1, whatever the activation
+            w = layer.weight.detach()
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.98 * bound
+            if layer.bias is not None:
+                assert torch.equal(layer.bias.detach(), torch.full_like(layer.bias, 0.01))
+        assert any(layer.bias is not None for layer in layers)
