@@ -16,14 +16,12 @@ PY=${PY:-${VENV:-.venv}/bin/python}
 RESULTS=${RESULTS:-results/reference}
 LAUNCHER=${LAUNCHER:-local}
 THREADS=${THREADS:-1}
-ONLY=${ONLY:-}  # a space-separated subset of presets (default: every *_small preset and half)
+ONLY=${ONLY:-}  # a space-separated subset of presets (default: every *_small paper preset)
 stamp=$(date -u +%Y%m%d-%H%M%S)
 say() { echo "reproduce_small: $*" >&2; }
 
 presets=()
-# A preset split per optimizer family runs both halves: <preset> (K-FAC family) and
-# <preset>_first_order (SGD/Adam), one experiment name (docs/fidelity.md).
-for path in conf/experiment/*_small.yaml conf/experiment/*_small_first_order.yaml; do
+for path in conf/experiment/*_small.yaml; do
   name=$(basename "$path" .yaml)
   [[ $name == tune_* || $name == study_* ]] && continue
   [[ -z $ONLY || " $ONLY " == *" $name "* ]] && presets+=("$name")

@@ -270,7 +270,12 @@ def test_presets_name_known_datasets_and_literature_sizes() -> None:
     assert layers["mnist_ae"] == MNIST_AE and layers["fmnist_ae"] == MNIST_AE
     assert layers["curves_ae"] == CURVES_AE and layers["faces_ae"] == FACES_AE
     assert by_name["faces_ae"].likelihood is Likelihood.gaussian
-    assert getattr(by_name["fmnist_deep_linear"], "depth", None) == 64
+    # Koroko et al.'s DeepLinear (natural-gradients@97105b6 apps/mlp_cnn/models.py:9-27): 64
+    # Linear layers, 63 of them followed by BatchNorm
+    deep = DeepLinearNet(**{k: getattr(by_name["fmnist_deep_linear"], k) for k in
+                            ("depth", "width", "input_dim", "output_dim")})  # fmt: skip
+    assert sum(isinstance(m, nn.Linear) for m in deep.modules()) == 64
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in deep.modules()) == 63
 
 
 # ---------------------------------------------------------------------------- build errors

@@ -39,27 +39,11 @@ def test_small_preset_refreshes_inverses_at_least_ten_times(preset: str) -> None
     assert refreshes >= MIN_REFRESHES, (preset, refreshes)
 
 
-FIRST_ORDER = sorted(  # halves of author presets split per optimizer family
-    p.stem
-    for p in (ROOT / "conf" / "experiment").glob("*_small_first_order.yaml")
-    if p.stem.startswith(("tselepidis_", "koroko_"))
-)
-
-
-@pytest.mark.parametrize("half", FIRST_ORDER)
-def test_first_order_half_records_the_same_experiment_with_the_same_protocol(half: str) -> None:
-    """A preset split per optimizer family stays one experiment: same name, data and trainer."""
-    preset = half.removesuffix("_first_order")
-    kfac = compose_job([f"experiment={preset}", "optimizer=kfac"])
-    first_order = compose_job([f"experiment={half}", "optimizer=sgd"])
-    assert first_order.experiment == kfac.experiment == preset
-    assert first_order.data == kfac.data and first_order.model == kfac.model
-    assert first_order.trainer == kfac.trainer
-
-
-# Small presets whose K-FAC must get clearly below the trivial baseline within LEARN_STEPS steps
-# (the cheap ones; the autoencoder presets take minutes a run on a shared CPU).
-LEARN_PRESETS = ["tselepidis_deep_linear_small"]
+# Small presets whose K-FAC must get clearly below the trivial baseline within LEARN_STEPS steps.
+# Not here: the Koroko autoencoder presets, whose K-FAC at the source's settings does not get
+# below the mean image in their 105-190 steps (docs/fidelity.md says why), and the
+# tselepidis_mnist_ae_small run, minutes long on a shared CPU.
+LEARN_PRESETS = ["tselepidis_deep_linear_small", "koroko_fmnist_deep_linear_small"]
 LEARN_STEPS = 200
 
 
@@ -84,12 +68,30 @@ def test_small_preset_kfac_learns(preset: str, tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("half", FIRST_ORDER)
-def test_tuning_preset_keeps_the_small_kfac_periods(half: str) -> None:
-    """The tuning grid of a split preset gives its K-FAC family the preset's periods."""
-    preset = half.removesuffix("_first_order")
+KOROKO_SMALL = [p for p in SMALL if p.startswith("koroko_")]
+
+
+@pytest.mark.parametrize("preset", KOROKO_SMALL)
+def test_tuning_preset_runs_the_small_presets_settings(preset: str) -> None:
+    """A tuning trial gets the small preset's per-optimizer settings (its small K-FAC periods
+    included), with the grid's setting on top."""
+    tune = compose_job([f"experiment=tune_{preset}"])
+    for family, grid in tune.tuning.grid.items():
+        small = compose_job([f"experiment={preset}", f"optimizer={family}"]).optimizer
+        key, values = next(iter(grid.items()))
+        trial = compose_job(
+            [f"experiment=tune_{preset}", f"optimizer={family}", f"optimizer.{key}={values[0]}"]
+        ).optimizer
+        assert trial[key] == values[0], (family, key)
+        for name in small:
+            if name != key:
+                assert trial[name] == small[name], (family, name)
+
+
+@pytest.mark.parametrize("preset", KOROKO_SMALL)
+def test_koroko_small_presets_run_every_optimizer_with_its_own_settings(preset: str) -> None:
+    sgd = compose_job([f"experiment={preset}", "optimizer=sgd"]).optimizer
     kfac = compose_job([f"experiment={preset}", "optimizer=kfac"]).optimizer
-    grid = compose_job([f"experiment=tune_{preset}"]).tuning.grid
-    for family in ("kfac", "kfac2"):
-        assert list(grid[family].cov_period) == [kfac.cov_period], family
-        assert list(grid[family].inv_period) == [kfac.inv_period], family
+    assert sgd.nesterov is True  # Koroko et al.'s SGD (train_mlp.py:86)
+    assert str(kfac.damping_mode.value) == "factored_unit" and kfac.stats_fraction == 0.25
+    assert kfac.cov_period == kfac.inv_period == 10

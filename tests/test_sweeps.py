@@ -26,9 +26,9 @@ PAPER_PRESETS = [e for e in BENCHMARK_PRESETS if e.startswith(("tselepidis_", "k
 
 
 def recorded_experiment(preset: str) -> str:
-    """The experiment a preset's runs record: a sweep split per optimizer family (its SGD/Adam
-    half ``<experiment>_first_order``, docs/fidelity.md) records one name for both halves."""
-    return preset.removesuffix("_first_order")
+    """The experiment a preset's runs record (its own name: one preset sweeps every optimizer,
+    per-optimizer settings in ``optimizer_settings``, suite/optimizer_settings.py)."""
+    return preset
 
 
 def compose_full(overrides: list[str]) -> DictConfig:
