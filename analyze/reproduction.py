@@ -168,7 +168,7 @@ def source_settings_lines(study: str) -> list[str]:
         f"the preset `{study}` with its settings unchanged except the optimizer, whose arm is "
         f"read from each run's optimizer settings ({arms}). The runs are checked to share every "
         "other setting (a run that differs is left out of the claims and listed). Seeds fix "
-        "the generated data, initialisation, batch order and MC samples.",
+        "the initialisation, batch order and MC samples, and the data where it is generated.",
         "",
     ]
 

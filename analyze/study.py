@@ -119,6 +119,36 @@ SOURCE_SETTINGS_STUDIES = (
             ),
         ),
     ),
+    # Koroko et al.'s Fashion-MNIST 64-layer linear + BatchNorm network at small scale, every arm
+    # at their stored settings (conf/experiment/koroko_fmnist_deep_linear.yaml); kfac2_exact is
+    # their own two-level form, kfac2_authors the two-level authors' paper-time coarse matrix
+    SourceSettingsStudy(
+        experiment="koroko_fmnist_deep_linear_small",
+        arms=(
+            ("sgd", (("name", "sgd"),)),
+            ("adam", (("name", "adam"),)),
+            ("kfac", (("name", "kfac"),)),
+            ("kfac2_exact", (("name", "kfac2"), ("coarse_fisher", "exact"))),
+            (
+                "kfac2",
+                (
+                    ("name", "kfac2"),
+                    ("coarse_fisher", "kron"),
+                    ("coarse_refresh", "rebuild"),
+                    ("coarse_downsample", "centre"),
+                ),
+            ),
+            (
+                "kfac2_authors",
+                (
+                    ("name", "kfac2"),
+                    ("coarse_fisher", "kron"),
+                    ("coarse_refresh", "accumulate"),
+                    ("coarse_downsample", "nearest"),
+                ),
+            ),
+        ),
+    ),
 )
 SOURCE_STUDIES = {s.experiment: s for s in SOURCE_SETTINGS_STUDIES}
 # config keys that cannot change a trajectory (where results go, logging, resuming, progress)
