@@ -20,6 +20,9 @@ import numpy as np
 
 from analyze.claims import claims_for
 from analyze.published import published_for
+from analyze.small_scale import BEGIN as SMALL_BEGIN
+from analyze.small_scale import END as SMALL_END
+from analyze.small_scale import render_small_scale
 from analyze.stats import ALPHA, EQUIVALENCE_MARGIN_REL, min_exact_p
 from analyze.study import (
     ARM_NAMES,
@@ -148,7 +151,7 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
             f"Target (the same for every arm): {fmt(target)}, the mean final running train loss "
             f"of the better first-order arm ({arm_name(target_arm)}). Steps and wall-clock are "
             "read at the first epoch end whose running loss is at or below it; wall-clock was "
-            "measured on a shared, heavily loaded 2-core machine and is only indicative."
+            "measured on a 2-core machine whose load varied between runs and is only indicative."
         )
         lines.append("")
     else:
@@ -460,12 +463,14 @@ def compute_table(runs: Sequence[StudyRun], study: str) -> list[str]:
     return [*lines, ""]
 
 
-def replace_section(text: str, section: str, *, where: str) -> str:
-    """``text`` with the part between BEGIN and END replaced by ``section``."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{where}: markers {BEGIN!r} … {END!r} not found (or out of order)")
-    return text[: start + len(BEGIN)] + "\n" + section + text[end:]
+def replace_section(
+    text: str, section: str, *, where: str, begin: str = BEGIN, end: str = END
+) -> str:
+    """``text`` with the part between the ``begin`` and ``end`` markers replaced by ``section``."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"{where}: markers {begin!r} … {end!r} not found (or out of order)")
+    return text[: start + len(begin)] + "\n" + section + text[stop:]
 
 
 def generated_files(results: Sequence[Path], repo: Path) -> dict[Path, str]:
@@ -476,6 +481,14 @@ def generated_files(results: Sequence[Path], repo: Path) -> dict[Path, str]:
     for path in (README_PATH, STUDY_DOC_PATH):
         full = repo / path
         out[full] = replace_section(full.read_text(), summary, where=str(path))
+    readme = repo / README_PATH
+    out[readme] = replace_section(
+        out[readme],
+        render_small_scale(results),
+        where=str(README_PATH),
+        begin=SMALL_BEGIN,
+        end=SMALL_END,
+    )
     return out
 
 
