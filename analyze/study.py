@@ -42,10 +42,11 @@ from datasets import load_dataset
 from suite.metrics import learned, running_means_from_steps, trivial_baseline
 from suite.store import RunStatus, find_run_folders
 from suite.train import split_targets
+from suite.tuning import TuningStage
 
-FINAL_STAGE = "final"
-TUNE_STAGE = "tune"
-EXTENSION_STAGE = "extension"  # a trial beyond a winner's grid edge: reported, never selected
+FINAL_STAGE = TuningStage.FINAL.value
+TUNE_STAGE = TuningStage.TUNE.value
+EXTENSION_STAGE = TuningStage.EXTENSION.value  # beyond a winner's grid edge: never selected
 MULTI_OPTIMIZER_ARM = "first_order"  # a preset that tunes several optimizers: arm = optimizer
 
 

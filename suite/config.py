@@ -131,7 +131,9 @@ class TuningConfig:
     """
 
     protocol: str = TUNING_PROTOCOL
-    stage: str = one_of("tune", "final")  # final: set by suite.tuning on the reruns
+    # final: set by suite.tuning on the reruns; extension: a check beyond a winner's grid edge,
+    # reported beside the tuning table, never selected (analyze/study.py)
+    stage: str = one_of("tune", "final", "extension")
     source_sweep: str | None = None  # on reruns: the tuning sweep they were selected from
     budget: int = required(ge=1, integer=True)  # trials per optimizer
     selection: str = one_of("final_val_loss")  # the summary field the lowest of which wins

@@ -55,6 +55,7 @@ class TuningStage(str, Enum):
 
     TUNE = "tune"
     FINAL = "final"
+    EXTENSION = "extension"  # beyond a winner's grid edge: reported, never selected
 
 
 UNFINISHED = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
@@ -128,7 +129,7 @@ def _trial(path: Path, summary: dict[str, Any]) -> Trial:
 
 
 def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
-    """Tuning-stage runs of the given sweeps under ``results`` (final-stage reruns excluded)."""
+    """Tuning-stage runs of the given sweeps under ``results`` (final reruns, edge checks out)."""
     wanted = set(sweeps)
     trials = []
     for path in find_run_folders(results):
@@ -136,7 +137,8 @@ def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
         if summary.get("sweep_id") not in wanted:
             continue
         trial = _trial(path, summary)
-        if trial.tuning is not None and trial.tuning.get("stage") == TuningStage.FINAL.value:
+        stage = trial.tuning.get("stage") if trial.tuning is not None else None
+        if stage in (TuningStage.FINAL.value, TuningStage.EXTENSION.value):
             continue
         trials.append(trial)
     if not trials:
