@@ -39,10 +39,10 @@ from omegaconf import OmegaConf
 from analyze.stats import Comparison, Judged, compare_paired, judge
 from core.likelihood import Likelihood
 from datasets import load_dataset
+from suite.config import TuningStage
 from suite.metrics import learned, running_means_from_steps, trivial_baseline
 from suite.store import RunStatus, find_run_folders
 from suite.train import split_targets
-from suite.tuning import TuningStage
 
 FINAL_STAGE = TuningStage.FINAL.value
 TUNE_STAGE = TuningStage.TUNE.value

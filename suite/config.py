@@ -47,6 +47,14 @@ class Scale(str, Enum):
     small = "small"
 
 
+class TuningStage(str, Enum):
+    """Which part of the tuning protocol a run belongs to (``tuning.stage``)."""
+
+    TUNE = "tune"
+    FINAL = "final"  # set by suite.tuning on the reruns of a winner
+    EXTENSION = "extension"  # beyond a winner's grid edge: reported, never selected
+
+
 class WandbMode(str, Enum):
     """W&B mode; ``auto`` = online when an account is configured, else offline."""
 
@@ -131,9 +139,7 @@ class TuningConfig:
     """
 
     protocol: str = TUNING_PROTOCOL
-    # final: set by suite.tuning on the reruns; extension: a check beyond a winner's grid edge,
-    # reported beside the tuning table, never selected (analyze/study.py)
-    stage: str = one_of("tune", "final", "extension")
+    stage: str = one_of(*(stage.value for stage in TuningStage))  # TuningStage above
     source_sweep: str | None = None  # on reruns: the tuning sweep they were selected from
     budget: int = required(ge=1, integer=True)  # trials per optimizer
     selection: str = one_of("final_val_loss")  # the summary field the lowest of which wins

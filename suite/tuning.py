@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 
 from core.errors import ConfigError
 from optimizers.registry import FAMILIES
-from suite.config import TuningConfig, register_configs
+from suite.config import TuningConfig, TuningStage, register_configs
 from suite.preflight import compose_job, group_options, optimizer_family
 from suite.store import POINTER_FILE, RunStatus, atomic_write_json, find_run_folders, utc_now
 
@@ -48,14 +48,6 @@ SELECTION_RULE = (
     "runs lose; ties go to the earlier run id"
 )
 DEFAULT_RERUN_SEEDS = 5
-
-
-class TuningStage(str, Enum):
-    """Which part of the protocol a run belongs to (``cfg.tuning.stage``)."""
-
-    TUNE = "tune"
-    FINAL = "final"
-    EXTENSION = "extension"  # beyond a winner's grid edge: reported, never selected
 
 
 UNFINISHED = (RunStatus.RUNNING.value, RunStatus.INTERRUPTED.value)
