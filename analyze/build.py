@@ -23,6 +23,8 @@ from analyze.report import ReportInputs, write_report
 from analyze.running import with_running_loss
 from analyze.source_plots import author_presets, plot_source
 from analyze.stats import N_BOOTSTRAP, performance_profile
+from analyze.study import load_study
+from analyze.study_plots import plot_study, tuned_studies
 from analyze.style import Palette
 from analyze.tables import (
     final_loss_table,
@@ -136,6 +138,7 @@ def build_all(options: BuildOptions) -> BuildOutput:
         )
         main_figure = figures.save(fig, "main_figure", caption)
     source_figures = _source_figures(results, options=options, palette=palette, figures=figures)
+    _study_figures(options, palette=palette, figures=figures)
 
     final = final_loss_table(results, loss_kind=options.loss_kind)
     other_kind = LossKind.PER_OUTPUT if options.loss_kind is LossKind.SUM else LossKind.SUM
@@ -228,6 +231,20 @@ def _source_figures(
             with_running, preset=preset, band=options.band, palette=palette, caption=caption
         )
         written[preset] = figures.save(fig, f"source_{file_stem(preset)}", caption)
+    return written
+
+
+def _study_figures(options: BuildOptions, *, palette: Palette, figures: FigureWriter) -> list[str]:
+    """One figure per tuned study under the results roots (``study_<study>.png``); only the
+    benchmark filter applies: a study is drawn from all of its final runs or not at all."""
+    runs = load_study(options.results)
+    if options.benchmarks:
+        runs = [r for r in runs if r.model in options.benchmarks]
+    written = []
+    for study in tuned_studies(runs):
+        caption = Caption()
+        fig = plot_study(runs, study=study, palette=palette, caption=caption)
+        written.append(figures.save(fig, f"study_{file_stem(study)}", caption))
     return written
 
 
