@@ -176,15 +176,18 @@ def source_settings_lines(study: str) -> list[str]:
     ]
 
 
-def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
-    """Per arm: the grid, trials spent, the winner, and whether it lies on the grid's edge."""
+def tuning_table(runs: Sequence[StudyRun], study: str) -> list[str]:
+    """Per arm of ``study``: the grid, trials spent, the winner, and whether it lies on the
+    grid's edge; then the grid-edge checks."""
+    runs = [r for r in runs if r.study == study]
+    arms = sorted({r.arm for r in runs}, key=arm_rank)
     lines = [
         "| arm | grid | trials | distinct outcomes | winner | winner's final val loss "
         "| on the grid's edge |",
         "|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
-        tuned = tuning_outcome(runs, arm)
+        tuned = tuning_outcome(runs, study, arm)
         if tuned is None:
             continue
         grid = "; ".join(
@@ -204,7 +207,7 @@ def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
         "Ties go to the earlier run."
     )
     lines.append("")
-    checks = [r for r in runs if r.stage == EXTENSION_STAGE and r.arm in arms]
+    checks = [r for r in runs if r.stage == EXTENSION_STAGE]
     if checks:
         lines.append(
             "Grid-edge checks (one trial each beyond a winner's edge, seed 0; outside the "
@@ -212,7 +215,7 @@ def tuning_table(runs: Sequence[StudyRun], arms: Sequence[str]) -> list[str]:
         )
         lines.append("")
         for run in checks:
-            tuned = tuning_outcome(runs, run.arm)
+            tuned = tuning_outcome(runs, study, run.arm)
             winner = math.nan if tuned is None else tuned.winner_val_loss
             lines.append(
                 f"- {arm_name(run.arm)}: {_settings(run.hyperparameters)} → final val loss "
@@ -304,13 +307,12 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         outcomes = arm_outcomes(runs, study)
         target, target_arm = study_target(outcomes)
         model = next(r.model for r in runs if r.study == study)
-        arms = sorted({r.arm for r in runs if r.study == study}, key=arm_rank)
         out.extend([f"## {study}", "", *_protocol_lines(runs, study)])
         out.extend(published_lines(model, outcomes))
         if study in SOURCE_STUDIES:
             out.extend(["### Settings (no tuning)", "", *source_settings_lines(study)])
         else:
-            out.extend(["### Tuning (equal budget per arm)", "", *tuning_table(runs, arms)])
+            out.extend(["### Tuning (equal budget per arm)", "", *tuning_table(runs, study)])
         out.extend(
             ["### Final runs (fresh seeds)", "", *outcome_table(outcomes, target, target_arm)]
         )
@@ -385,9 +387,11 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
                     "its pairs."
                 )
             if outcome.runs and not outcome.usable:
-                tuned = tuning_outcome(runs, arm)
+                tuned = tuning_outcome(runs, study, arm)
                 learned_trials = sum(
-                    1 for r in runs if r.arm == arm and r.stage == "tune" and r.usable
+                    1
+                    for r in runs
+                    if r.study == study and r.arm == arm and r.stage == "tune" and r.usable
                 )
                 trials = (
                     "" if tuned is None else f"; {learned_trials} of {tuned.trials} tuning trials"

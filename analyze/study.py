@@ -454,9 +454,10 @@ class TuningOutcome:
     distinct: int  # distinct final validation losses among the trials (ties: same trajectory)
 
 
-def tuning_outcome(runs: Sequence[StudyRun], arm: str) -> TuningOutcome | None:
-    """Lowest final validation loss among the arm's completed tuning trials (ties: run id)."""
-    trials = [r for r in runs if r.arm == arm and r.stage == TUNE_STAGE]
+def tuning_outcome(runs: Sequence[StudyRun], study: str, arm: str) -> TuningOutcome | None:
+    """Lowest final validation loss among the arm's completed tuning trials in ``study``
+    (ties: run id); arms of other studies with the same name never mix in."""
+    trials = [r for r in runs if r.study == study and r.arm == arm and r.stage == TUNE_STAGE]
     if not trials:
         return None
     done = [r for r in trials if r.status == RunStatus.COMPLETED.value]

@@ -40,6 +40,7 @@ def write_run(
     val: float | None = None,
     lr: float = 0.1,
     config: dict[str, Any] | None = None,
+    study: str = "toy_study",
 ) -> None:
     """A run folder as the trainer writes it, the last epoch's mini-batch losses all ``final``.
 
@@ -47,6 +48,7 @@ def write_run(
     name ``SOURCE``), as the runs of a source-settings study are.
     """
     run_id = f"{arm}_{stage}_s{seed}_lr{lr}"
+    run_id = run_id if study == "toy_study" else f"{study}_{run_id}"
     path = root / run_id
     path.mkdir(parents=True)
     steps = np.arange(1, EPOCHS * STEPS_PER_EPOCH + 1)
@@ -88,7 +90,7 @@ def write_run(
         "wall_clock_s": 6.0,
         "baseline_train_loss": BASELINE,
         "baseline_predictor": "mean image (bernoulli)",
-        "tuning": {"study": "toy_study", "arm": arm, "stage": stage, "grid": grid, "budget": 2},
+        "tuning": {"study": study, "arm": arm, "stage": stage, "grid": grid, "budget": 2},
     }
     if config is not None:
         summary.update(tuning=None, experiment=SOURCE, run_id=f"{run_id}_{config['tag']}")
@@ -142,6 +144,26 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     assert "| K-FAC | lr {0.1, 0.3} | 2 | 2 | lr 0.3 | 99 | lr |" in report  # winner on the edge
     # a trial beyond the edge is reported beside the winner, not counted in the budget
     assert "- K-FAC: lr 0.9 → final val loss 98 (the selected winner: 99)" in report
+
+
+def test_tuning_tables_keep_each_study_to_its_own_trials(store: Path) -> None:
+    """Two studies with the same arm names: each tuning table and each "no run learned" line
+    counts only its own study's trials and grid-edge checks."""
+    for lr, val in ((0.1, 50.0), (0.3, 60.0), (0.9, 70.0)):
+        write_run(store, arm="kfac", optimizer="kfac", seed=0, final=val, stage="tune", lr=lr,
+                  val=val, study="other_study")  # fmt: skip
+    write_run(store, arm="kfac", optimizer="kfac", seed=0, final=40.0, stage="extension",
+              lr=0.03, study="other_study")  # fmt: skip
+    for seed in (1, 2):
+        write_run(store, arm="kfac", optimizer="kfac", seed=seed, final=45.0, study="other_study")
+    report = render_report(load_study([store]))
+    toy = report.split("## toy_study")[1].split("\n## ")[0]
+    other = report.split("## other_study")[1].split("\n## ")[0]
+    assert "| K-FAC | lr {0.1, 0.3} | 2 | 2 | lr 0.3 | 99 | lr |" in toy
+    assert "lr 0.03 → final val loss 40" not in toy
+    assert "| K-FAC | lr {0.1, 0.3} | 3 | 3 | lr 0.1 | 50 | lr |" in other
+    assert "- K-FAC: lr 0.03 → final val loss 40 (the selected winner: 50)" in other
+    assert "lr 0.9 → final val loss 98" not in other
 
 
 def test_summary_section_round_trip(store: Path, tmp_path: Path) -> None:
