@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogLocator, ScalarFormatter
+from matplotlib.ticker import LogLocator, MaxNLocator, ScalarFormatter
 
 from analyze.labels import Caption
 from analyze.plots import PANEL_HEIGHT_IN, PANEL_WIDTH_IN
@@ -87,6 +87,8 @@ def _curves(
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter() if _narrow(ax) else "")
     ax.set_xlabel("wall-clock time (s)" if wall else "epoch (passes over the training set)")
+    if not wall:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("train loss, running mean (nats)")
     ax.grid(True, which="both", alpha=0.3)
 
