@@ -234,18 +234,16 @@ def _source_figures(
     return written
 
 
-def _study_figures(options: BuildOptions, *, palette: Palette, figures: FigureWriter) -> list[str]:
+def _study_figures(options: BuildOptions, *, palette: Palette, figures: FigureWriter) -> None:
     """One figure per tuned study under the results roots (``study_<study>.png``); only the
     benchmark filter applies: a study is drawn from all of its final runs or not at all."""
     runs = load_study(options.results)
     if options.benchmarks:
         runs = [r for r in runs if r.model in options.benchmarks]
-    written = []
     for study in tuned_studies(runs):
         caption = Caption()
         fig = plot_study(runs, study=study, palette=palette, caption=caption)
-        written.append(figures.save(fig, f"study_{file_stem(study)}", caption))
-    return written
+        figures.save(fig, f"study_{file_stem(study)}", caption)
 
 
 def _write_runs_csv(results: ResultsSet, out: Path) -> Path:

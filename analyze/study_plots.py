@@ -24,6 +24,7 @@ from analyze.labels import Caption
 from analyze.plots import PANEL_HEIGHT_IN, PANEL_WIDTH_IN
 from analyze.study import (
     ARM_NAMES,
+    FINAL_STAGE,
     SOURCE_STUDIES,
     ArmOutcome,
     StudyRun,
@@ -45,9 +46,8 @@ ARM_STYLE = {
 
 def tuned_studies(runs: Sequence[StudyRun]) -> list[str]:
     """Tuned studies (not source-settings ones) with at least one usable final-stage run."""
-    return sorted(
-        {r.study for r in runs if r.stage == "final" and r.usable and r.study not in SOURCE_STUDIES}
-    )
+    finals = [r for r in runs if r.stage == FINAL_STAGE and r.usable]
+    return sorted({r.study for r in finals if r.study not in SOURCE_STUDIES})
 
 
 def _style(arm: str, palette: Palette) -> tuple[str, str]:
@@ -156,10 +156,8 @@ def plot_study(
         seeds = sorted(r.seed for r in outcome.usable)
         line = f"{arm} = {ARM_NAMES.get(arm, arm)}: {len(seeds)} usable runs (seeds {seeds})"
         reasons: dict[str, list[int]] = {}
-        for run in outcome.excluded:
-            reason = str(run.exclusion_reason())
-            reason = "did not learn" if reason.startswith("did not learn") else reason
-            reasons.setdefault(reason, []).append(run.seed)
+        for run in outcome.excluded:  # grouped by the reason's kind, its numbers dropped
+            reasons.setdefault(str(run.exclusion_reason()).split(":")[0], []).append(run.seed)
         left = [f"{why} (seeds {sorted(seeds)})" for why, seeds in reasons.items()]
         caption.note(line + (f"; not drawn: {'; '.join(left)}" if left else ""))
         caption.legend[arm] = ARM_NAMES.get(arm, arm)
