@@ -14,6 +14,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,19 @@ from analyze.published import published_for
 from analyze.small_scale import BEGIN as SMALL_BEGIN
 from analyze.small_scale import END as SMALL_END
 from analyze.small_scale import render_small_scale
-from analyze.stats import ALPHA, EQUIVALENCE_MARGIN_REL, min_exact_p
+from analyze.stats import (
+    ALPHA,
+    EQUIVALENCE_MARGIN_REL,
+    StudyVerdict,
+    min_exact_p,
+    pairs_for_family,
+)
 from analyze.study import (
     ARM_NAMES,
     EXTENSION_STAGE,
     SOURCE_STUDIES,
     ArmOutcome,
+    ComparisonSpec,
     StudyRun,
     StudyVerdictRow,
     arm_outcomes,
@@ -295,6 +303,9 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         "",
         f"Metric of every claim: {METRIC_NOTE}.",
         "",
+        "## The answer, benchmark by benchmark",
+        "",
+        *answer_lines(verdicts),
         "## Verdicts",
         "",
         *_method_lines(verdicts),
@@ -352,7 +363,9 @@ def _method_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
         f"Verdict: **equivalent within ±m** when p TOST (Holm) < {ALPHA:g} (even if the sign",
         "is also significant: m is the smallest difference that matters); else",
         f"**better**/**worse** when p Holm < {ALPHA:g}; else **inconclusive**.",
-        f"With n pairs the smallest attainable p is 2/2^n (n = {n_min}: {smallest}).",
+        f"With n pairs the smallest attainable p is 2/2^n (n = {n_min}: {smallest});",
+        f"in a Holm family of {tested}, every comparison can reach p Holm < {ALPHA:g} only with",
+        f"n ≥ {pairs_for_family(tested)} pairs.",
     ]
     return [" ".join(parts), ""]
 
@@ -411,6 +424,77 @@ def plain_statements(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRo
     return [*lines, ""]
 
 
+@dataclass(frozen=True)
+class Question:
+    """One question of the study: the comparisons (arm A in ``a``, arm B in ``b``) that ask it,
+    and what a `better`/`worse` verdict means for it."""
+
+    text: str
+    a: tuple[str, ...]
+    b: tuple[str, ...]
+    better: str
+    worse: str
+
+    def asks(self, spec: ComparisonSpec) -> bool:
+        return spec.a in self.a and spec.b in self.b
+
+
+TWO_LEVEL_ARMS = ("kfac2", "kfac2_exact", "kfac2_accumulate", "kfac2_authors")
+QUESTIONS = (
+    Question(
+        "Does a coarse correction help K-FAC? (each two-level form vs K-FAC)",
+        a=TWO_LEVEL_ARMS, b=("kfac",),
+        better="helps (lower loss than K-FAC)", worse="hurts (higher loss than K-FAC)",
+    ),
+    Question(
+        "Does K-FAC beat tuned first-order methods? (K-FAC vs Adam, SGD)",
+        a=("kfac",), b=("adam", "sgd"), better="K-FAC better", worse="K-FAC worse",
+    ),
+    Question(
+        "Does the authors' accumulating coarse matrix matter? (accumulate vs rebuild)",
+        a=("kfac2_accumulate", "kfac2_authors"), b=("kfac2",),
+        better="accumulating better", worse="accumulating worse",
+    ),
+)  # fmt: skip
+
+
+def answer_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
+    """Per question of the study, the benchmarks grouped by verdict: where it helps, where it is
+    equivalent, where it hurts, and where the data cannot tell."""
+    lines: list[str] = []
+    equivalent = f"equivalent within ±{100 * EQUIVALENCE_MARGIN_REL:g} %"
+    for question in QUESTIONS:
+        better, worse = question.better, question.worse
+        rows = [v for v in verdicts if question.asks(v.spec)]
+        if not rows:
+            continue
+        groups: dict[str, list[str]] = {}
+        for v in rows:
+            verdict = v.judged.verdict
+            if verdict is StudyVerdict.BETTER:
+                key = better
+            elif verdict is StudyVerdict.WORSE:
+                key = worse
+            elif verdict is StudyVerdict.EQUIVALENT:
+                key = equivalent
+            elif v.judged.comparison.n == 0:
+                key = "not testable: no run of one arm learned"
+            else:
+                key = "cannot tell (inconclusive)"
+            item = f"{v.study} ({v.spec.label}"
+            if v.judged.comparison.n == 0:
+                never = v.spec.a if v.usable_a[0] == 0 else v.spec.b
+                item += f": no run of {arm_name(never)} learned"
+            groups.setdefault(key, []).append(item + ")")
+        lines.append(f"- **{question.text}**")
+        order = [better, equivalent, worse]
+        order += sorted(k for k in groups if k not in order)
+        for key in order:
+            where = groups.get(key)
+            lines.append(f"  - {key}: {'; '.join(where) if where else 'nowhere'}.")
+    return [*lines, ""] if lines else []
+
+
 def render_summary(runs: Sequence[StudyRun]) -> str:
     """The short generated section shared by the README and docs/study.md."""
     verdicts = study_verdicts(runs)
@@ -421,6 +505,7 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
         f"{100 * EQUIVALENCE_MARGIN_REL:g} % of B's mean. Full tables, tuning, runs and "
         "exclusions: `docs/report.md` (`make report`).",
         "",
+        *answer_lines(verdicts),
         *verdict_table(verdicts, detailed=False),
         "In words:",
         "",

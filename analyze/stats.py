@@ -422,3 +422,16 @@ def judge(comparisons: Sequence[Comparison], *, alpha: float = ALPHA) -> list[Ju
 def min_exact_p(n: int) -> float:
     """Smallest two-sided sign-flip p attainable with ``n`` pairs (2 / 2^n)."""
     return min(1.0, 2.0 / 2**n)
+
+
+def pairs_for_family(family: int, *, alpha: float = ALPHA) -> int:
+    """Fewest pairs with which every comparison of a Holm family of ``family`` can still reach
+    p Holm < ``alpha``: the smallest n with (2 / 2^n) · family < alpha (Holm's first multiplier is
+    the family size, so with fewer pairs a family of comparisons all at their floor rejects none).
+    """
+    if family < 1:
+        return 0
+    n = 1
+    while min_exact_p(n) * family >= alpha:
+        n += 1
+    return n

@@ -146,6 +146,21 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     assert "- K-FAC: lr 0.9 → final val loss 98 (the selected winner: 99)" in report
 
 
+def test_the_answer_groups_each_question_by_verdict(store: Path) -> None:
+    """The report's first section: per question, where the arm is better, equivalent, worse,
+    or cannot be told apart, each benchmark under exactly one of them."""
+    report = render_report(load_study([store]))
+    answer = report.split("## The answer, benchmark by benchmark")[1].split("## Verdicts")[0]
+    coarse, first_order = answer.split("- **Does K-FAC beat tuned first-order methods?")
+    assert "  - equivalent within ±1 %: toy_study (two-level (paper) vs K-FAC)." in coarse
+    assert "  - helps (lower loss than K-FAC): nowhere." in coarse
+    assert "  - hurts (higher loss than K-FAC): nowhere." in coarse
+    assert "  - K-FAC better: toy_study (K-FAC vs Adam); toy_study (K-FAC vs SGD)." in first_order
+    assert "cannot tell" not in answer  # every comparison of the store has a verdict
+    assert "Does the authors' accumulating coarse matrix matter?" not in answer  # no such arm
+    assert render_summary(load_study([store])).count("toy_study (K-FAC vs Adam)") == 1
+
+
 def test_tuning_tables_keep_each_study_to_its_own_trials(store: Path) -> None:
     """Two studies with the same arm names: each tuning table and each "no run learned" line
     counts only its own study's trials and grid-edge checks."""

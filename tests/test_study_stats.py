@@ -14,6 +14,7 @@ from analyze.stats import (
     holm,
     judge,
     min_exact_p,
+    pairs_for_family,
     sign_flip_p,
     sign_flip_p_one_sided,
     tost_p,
@@ -60,6 +61,16 @@ def test_smallest_attainable_p_is_two_over_two_to_the_n() -> None:
         assert sign_flip_p(np.ones(n)) == pytest.approx(min_exact_p(n))
     # With 4 comparisons at alpha 0.05 Holm needs 0.0125: n = 7 pairs cannot, n = 8 can.
     assert min_exact_p(7) > 0.05 / 4 > min_exact_p(8)
+
+
+def test_pairs_for_family_is_where_holm_starts_rejecting_a_family_at_its_floor() -> None:
+    """With n pairs, a family of m comparisons each at its floor p: Holm rejects all of them
+    exactly when n >= pairs_for_family(m), and none of them with one pair fewer."""
+    for m in (1, 4, 23, 25, 26, 28, 51, 52):
+        n = pairs_for_family(m)
+        assert all(p < 0.05 for p in holm([sign_flip_p(np.ones(n))] * m)), (m, n)
+        assert not any(p < 0.05 for p in holm([sign_flip_p(np.ones(n - 1))] * m)), (m, n)
+    assert pairs_for_family(25) == 10 < pairs_for_family(26) == 11 == pairs_for_family(51)
 
 
 def test_one_sided_p() -> None:
