@@ -305,7 +305,7 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         "",
         "## The answer, benchmark by benchmark",
         "",
-        *answer_lines(verdicts),
+        *answer_lines(runs, verdicts),
         "## Verdicts",
         "",
         *_method_lines(verdicts),
@@ -458,9 +458,25 @@ QUESTIONS = (
 )  # fmt: skip
 
 
-def answer_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
+def edge_check_beat_winner(runs: Sequence[StudyRun], study: str, arm: str) -> bool:
+    """Whether the arm's tuning winner sits on a grid edge and a grid-edge check beyond it
+    reached a lower final validation loss: the arm may be under-tuned within its budget."""
+    tuned = tuning_outcome(runs, study, arm)
+    if tuned is None or not tuned.on_edge:
+        return False
+    checks = [
+        r.final_val_loss
+        for r in runs
+        if r.study == study and r.arm == arm and r.stage == EXTENSION_STAGE
+        and r.status == RunStatus.COMPLETED.value and math.isfinite(r.final_val_loss)
+    ]  # fmt: skip
+    return any(loss < tuned.winner_val_loss for loss in checks)
+
+
+def answer_lines(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRow]) -> list[str]:
     """Per question of the study, the benchmarks grouped by verdict: where it helps, where it is
-    equivalent, where it hurts, and where the data cannot tell."""
+    equivalent, where it hurts, and where the data cannot tell; a verdict that may come from an
+    under-tuned arm (the arm it goes against, whose grid-edge check beat its winner) says so."""
     lines: list[str] = []
     equivalent = f"equivalent within ±{100 * EQUIVALENCE_MARGIN_REL:g} %"
     for question in QUESTIONS:
@@ -483,9 +499,22 @@ def answer_lines(verdicts: Sequence[StudyVerdictRow]) -> list[str]:
                 key = "cannot tell (inconclusive)"
             item = f"{v.study} ({v.spec.label}"
             if v.judged.comparison.n == 0:
-                never = v.spec.a if v.usable_a[0] == 0 else v.spec.b
-                item += f": no run of {arm_name(never)} learned"
-            groups.setdefault(key, []).append(item + ")")
+                never = [a for a, u in ((v.spec.a, v.usable_a), (v.spec.b, v.usable_b)) if not u[0]]
+                item += f": no run of {' nor of '.join(arm_name(a) for a in never)} learned"
+            item += ")"
+            # the arms the verdict goes against (B when A is better, A when worse, else both)
+            against = {
+                StudyVerdict.BETTER: (v.spec.b,),
+                StudyVerdict.WORSE: (v.spec.a,),
+            }.get(verdict, (v.spec.a, v.spec.b))
+            beaten = [a for a in against if edge_check_beat_winner(runs, v.study, a)]
+            if beaten and v.judged.comparison.n:
+                names = " and ".join(arm_name(a) for a in beaten)
+                item += (
+                    f" [caveat: {names} won on its grid's edge and a check beyond the edge did "
+                    "better, so it may be under-tuned]"
+                )
+            groups.setdefault(key, []).append(item)
         lines.append(f"- **{question.text}**")
         order = [better, equivalent, worse]
         order += sorted(k for k in groups if k not in order)
@@ -505,7 +534,7 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
         f"{100 * EQUIVALENCE_MARGIN_REL:g} % of B's mean. Full tables, tuning, runs and "
         "exclusions: `docs/report.md` (`make report`).",
         "",
-        *answer_lines(verdicts),
+        *answer_lines(runs, verdicts),
         *verdict_table(verdicts, detailed=False),
         "In words:",
         "",

@@ -152,7 +152,14 @@ def test_the_answer_groups_each_question_by_verdict(store: Path) -> None:
     report = render_report(load_study([store]))
     answer = report.split("## The answer, benchmark by benchmark")[1].split("## Verdicts")[0]
     coarse, first_order = answer.split("- **Does K-FAC beat tuned first-order methods?")
-    assert "  - equivalent within ±1 %: toy_study (two-level (paper) vs K-FAC)." in coarse
+    # K-FAC won on its grid's edge (lr 0.3) and its check at lr 0.9 did better (val 98 < 99):
+    # the equivalence may come from an under-tuned K-FAC, so it carries the caveat; K-FAC's own
+    # wins over Adam and SGD do not (an under-tuned winner only makes them conservative)
+    caveat = (
+        " [caveat: K-FAC won on its grid's edge and a check beyond the edge did better, so it may"
+        " be under-tuned]"
+    )
+    assert f"  - equivalent within ±1 %: toy_study (two-level (paper) vs K-FAC){caveat}." in coarse
     assert "  - helps (lower loss than K-FAC): nowhere." in coarse
     assert "  - hurts (higher loss than K-FAC): nowhere." in coarse
     assert "  - K-FAC better: toy_study (K-FAC vs Adam); toy_study (K-FAC vs SGD)." in first_order
