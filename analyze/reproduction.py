@@ -33,6 +33,7 @@ from analyze.stats import (
 )
 from analyze.study import (
     ARM_NAMES,
+    ARM_ORDER,
     EXTENSION_STAGE,
     SOURCE_STUDIES,
     ArmOutcome,
@@ -439,7 +440,7 @@ class Question:
         return spec.a in self.a and spec.b in self.b
 
 
-TWO_LEVEL_ARMS = ("kfac2", "kfac2_exact", "kfac2_accumulate", "kfac2_authors")
+TWO_LEVEL_ARMS = tuple(arm for arm in ARM_ORDER if arm.startswith("kfac2"))
 QUESTIONS = (
     Question(
         "Does a coarse correction help K-FAC? (each two-level form vs K-FAC)",
@@ -494,7 +495,7 @@ def answer_lines(runs: Sequence[StudyRun], verdicts: Sequence[StudyVerdictRow]) 
             elif verdict is StudyVerdict.EQUIVALENT:
                 key = equivalent
             elif v.judged.comparison.n == 0:
-                key = "not testable: no run of one arm learned"
+                key = "not testable: an arm with no run that learned"
             else:
                 key = "cannot tell (inconclusive)"
             item = f"{v.study} ({v.spec.label}"
