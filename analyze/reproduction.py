@@ -40,6 +40,7 @@ from analyze.study import (
     ComparisonSpec,
     StudyRun,
     StudyVerdictRow,
+    TuningOutcome,
     arm_outcomes,
     arm_rank,
     load_study,
@@ -226,12 +227,37 @@ def tuning_table(runs: Sequence[StudyRun], study: str) -> list[str]:
         for run in checks:
             tuned = tuning_outcome(runs, study, run.arm)
             winner = math.nan if tuned is None else tuned.winner_val_loss
+            inside = tuned is not None and not beyond_grid(run, tuned)
             lines.append(
                 f"- {arm_name(run.arm)}: {_settings(run.hyperparameters)} → final val loss "
                 f"{fmt(run.final_val_loss)} (the selected winner: {fmt(winner)})"
+                + ("; inside the grid since a later tuning round" if inside else "")
+            )
+        lines.append("")
+    superseded = [r for o in arm_outcomes(runs, study).values() for r in o.superseded]
+    if superseded:
+        lines.append(
+            "Final runs of a superseded winner (a later tuning round found a better setting; "
+            "left out of every claim, counted in the compute):"
+        )
+        lines.append("")
+        for arm in sorted({r.arm for r in superseded}, key=arm_rank):
+            of_arm = [r for r in superseded if r.arm == arm]
+            settings = sorted({_settings(r.hyperparameters) for r in of_arm})
+            lines.append(
+                f"- {arm_name(arm)}: {len(of_arm)} runs at {'; '.join(settings)} "
+                f"(final running train loss {mean_std([r.final_running_loss for r in of_arm])})"
             )
         lines.append("")
     return lines
+
+
+def beyond_grid(run: StudyRun, tuned: TuningOutcome) -> bool:
+    """Whether a run's setting lies outside the arm's (merged) tuning grid on some axis."""
+    return any(
+        key in run.hyperparameters and values and run.hyperparameters[key] not in values
+        for key, values in tuned.budget_grid.items()
+    )
 
 
 def published_lines(model: str, outcomes: dict[str, ArmOutcome]) -> list[str]:
@@ -279,10 +305,12 @@ def _protocol_lines(runs: Sequence[StudyRun], study: str) -> list[str]:
     versions = sorted({r.code_version for r in of_study})
     finals = [r for r in of_study if r.stage == "final"]
     seeds = sorted({r.seed for r in finals})
+    superseded = sum(len(o.superseded) for o in arm_outcomes(runs, study).values())
+    old = f"; {superseded} of them of a superseded winner" if superseded else ""
     return [
         f"Model `{first.model}`, data `{first.data_variant}`; {len(of_study)} runs "
         f"({len(of_study) - len(finals)} tuning trials, {len(finals)} final runs on seeds "
-        f"{', '.join(str(s) for s in seeds) or '–'}); code "
+        f"{', '.join(str(s) for s in seeds) or '–'}{old}); code "
         + ", ".join(f"`{v}`" for v in versions)
         + ".",
         f"Trivial baseline ({first.baseline_predictor or 'best constant predictor'}, train "
@@ -470,6 +498,7 @@ def edge_check_beat_winner(runs: Sequence[StudyRun], study: str, arm: str) -> bo
         for r in runs
         if r.study == study and r.arm == arm and r.stage == EXTENSION_STAGE
         and r.status == RunStatus.COMPLETED.value and math.isfinite(r.final_val_loss)
+        and beyond_grid(r, tuned)
     ]  # fmt: skip
     return any(loss < tuned.winner_val_loss for loss in checks)
 

@@ -463,7 +463,7 @@ def tuning_outcome(runs: Sequence[StudyRun], study: str, arm: str) -> TuningOutc
     done = [r for r in trials if r.status == RunStatus.COMPLETED.value]
     done = [r for r in done if math.isfinite(r.final_val_loss)]
     best = min(done, key=lambda r: (r.final_val_loss, r.run_id)) if done else None
-    grid = trials[0].grid
+    grid = merged_grid(trials)
     edges: tuple[str, ...] = ()
     if best is not None:
         edges = tuple(
@@ -482,12 +482,26 @@ def tuning_outcome(runs: Sequence[StudyRun], study: str, arm: str) -> TuningOutc
     )
 
 
+def merged_grid(trials: Sequence[StudyRun]) -> dict[str, list[Any]]:
+    """The grid the trials spanned: per setting, the sorted union of every round's values."""
+    grid: dict[str, list[Any]] = {}
+    for trial in trials:
+        for key, values in trial.grid.items():
+            grid[key] = [*grid.get(key, []), *(v for v in values if v not in grid.get(key, []))]
+    return {k: sorted(v, key=lambda x: (x is None, x)) for k, v in grid.items()}
+
+
 @dataclass(frozen=True)
 class ArmOutcome:
-    """Final-stage (fresh-seed) runs of one arm: usable values by seed and the excluded runs."""
+    """Final-stage (fresh-seed) runs of one arm: usable values by seed and the excluded runs.
+
+    ``runs`` are the reruns of the arm's current tuning winner; reruns of an earlier winner,
+    replaced when a later tuning round found a better setting, are kept apart in ``superseded``
+    and never enter claims."""
 
     arm: str
     runs: tuple[StudyRun, ...]
+    superseded: tuple[StudyRun, ...] = ()
 
     @property
     def usable(self) -> tuple[StudyRun, ...]:
@@ -508,7 +522,25 @@ def arm_outcomes(runs: Sequence[StudyRun], study: str) -> dict[str, ArmOutcome]:
     """Final-stage runs of a study, per arm, in the report's arm order."""
     finals = [r for r in runs if r.study == study and r.stage == FINAL_STAGE]
     arms = sorted({r.arm for r in finals}, key=arm_rank)
-    return {a: ArmOutcome(a, tuple(r for r in finals if r.arm == a)) for a in arms}
+    out = {}
+    for arm in arms:
+        of_arm = [r for r in finals if r.arm == arm]
+        tuned = tuning_outcome(runs, study, arm)
+        if tuned is None or not tuned.winner:  # source-settings studies: no tuning stage
+            out[arm] = ArmOutcome(arm, tuple(of_arm))
+            continue
+        current = [_same_setting(r.hyperparameters, tuned.winner) for r in of_arm]
+        out[arm] = ArmOutcome(
+            arm,
+            tuple(r for r, now in zip(of_arm, current, strict=True) if now),
+            tuple(r for r, now in zip(of_arm, current, strict=True) if not now),
+        )
+    return out
+
+
+def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' swept settings agree on every setting both record."""
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
 
 
 # ---------------------------------------------------------------------------- time to target

@@ -149,6 +149,9 @@ class TuningConfig:
     )  # optimizer preset -> {setting: [values]}; one trial per point
     study: str | None = None  # the campaign (benchmark) a study preset belongs to (analyze.study)
     arm: str | None = None  # the arm of that campaign this preset tunes (analyze.study)
+    # 1: the planned grid; 2, 3, ...: a planned extension of it, whose trials join the earlier
+    # rounds' in one selection (`python -m suite.tuning protocol --after <earlier sweep>`)
+    round: int = bounded(1, ge=1, integer=True)
 
     def __post_init__(self) -> None:
         check_settings(self)

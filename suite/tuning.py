@@ -14,6 +14,11 @@ The protocol, applied the same way to every optimizer of a benchmark:
    the tuning seed), same data split, into the sweep ``<id>-final``; figures use those runs.
 
 ``python -m suite.tuning protocol --experiment tune_koroko_mnist_ae_small`` does all three.
+
+A planned extension of a grid (``tuning.round`` >= 2: the same experiment name, the new points
+only) is tuned with ``protocol --after <earlier sweep id>``: the earlier rounds' trials join the
+selection, an optimizer's budget is the sum of its rounds' budgets, and a winner whose fresh-seed
+reruns are already stored is not rerun.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Selection:
     hyperparameters: dict[str, Any]  # the swept settings of the winner
     tuning_seeds: list[int]
     rerun_seeds: list[int] = field(default_factory=list)
+    stored_seeds: list[int] = field(default_factory=list)  # reruns already in the store
     command: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -120,6 +126,10 @@ def _trial(path: Path, summary: dict[str, Any]) -> Trial:
     )
 
 
+def _stage(trial: Trial) -> str | None:
+    return trial.tuning.get("stage") if trial.tuning is not None else None
+
+
 def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
     """Tuning-stage runs of the given sweeps under ``results`` (final reruns, edge checks out)."""
     wanted = set(sweeps)
@@ -129,13 +139,20 @@ def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
         if summary.get("sweep_id") not in wanted:
             continue
         trial = _trial(path, summary)
-        stage = trial.tuning.get("stage") if trial.tuning is not None else None
-        if stage in (TuningStage.FINAL.value, TuningStage.EXTENSION.value):
+        if _stage(trial) in (TuningStage.FINAL.value, TuningStage.EXTENSION.value):
             continue
         trials.append(trial)
     if not trials:
         raise ConfigError("--sweep", f"no runs of sweep(s) {', '.join(sweeps)} under '{results}'")
     return trials
+
+
+def collect_trials_or_none(results: Path, sweep: str) -> list[Trial]:
+    """Tuning-stage runs of one sweep (empty when it has none)."""
+    try:
+        return collect_trials(results, [sweep])
+    except ConfigError:
+        return []
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -144,16 +161,30 @@ def swept_keys(trials: Sequence[Trial]) -> list[str]:
     grids = [t.tuning.get("grid", {}).get(t.optimizer) for t in trials if t.tuning]
     recorded = [g for g in grids if isinstance(g, dict)]
     if recorded:
-        return sorted(recorded[0])
+        return sorted({k for grid in recorded for k in grid})
     keys = sorted({k for t in trials for k in t.hyperparameters})
     return [k for k in keys if len({repr(t.hyperparameters.get(k)) for t in trials}) > 1]
 
 
 def _budget(trials: Sequence[Trial]) -> int | None:
-    budgets = {int(t.tuning["budget"]) for t in trials if t.tuning and "budget" in t.tuning}
-    if len(budgets) > 1:
-        raise ConfigError("tuning.budget", f"trials of one optimizer disagree: {sorted(budgets)}")
-    return budgets.pop() if budgets else None
+    """The trials one optimizer had to spend: the sum of its sweeps' (tuning rounds') budgets."""
+    per_sweep: dict[str, set[int]] = {}
+    for t in trials:
+        if t.tuning and "budget" in t.tuning:
+            per_sweep.setdefault(t.sweep_id, set()).add(int(t.tuning["budget"]))
+    for sweep, budgets in sorted(per_sweep.items()):
+        if len(budgets) > 1:
+            raise ConfigError(
+                "tuning.budget",
+                f"trials of one optimizer in sweep {sweep} disagree: {sorted(budgets)}",
+            )
+    return sum(min(b) for b in per_sweep.values()) if per_sweep else None
+
+
+def _repeated_points(trials: Sequence[Trial], keys: Sequence[str]) -> int:
+    """Trials whose swept settings repeat an earlier trial's (a round re-spending a point)."""
+    points = Counter(repr([t.hyperparameters.get(k) for k in keys]) for t in trials)
+    return sum(n - 1 for n in points.values())
 
 
 def select_best(trials: Sequence[Trial], *, allow_incomplete: bool = False) -> list[Selection]:
@@ -177,13 +208,16 @@ def select_best(trials: Sequence[Trial], *, allow_incomplete: bool = False) -> l
             notes.append(f"{unfinished} trial(s) unfinished (running or interrupted); they lose")
         if budget is not None and len(group) != budget:
             notes.append(f"{len(group)} trial(s) found, budget is {budget}")
+        keys = swept_keys(group)
+        repeated = _repeated_points(group, keys)
+        if repeated:
+            notes.append(f"{repeated} trial(s) repeat another trial's settings")
         if notes:
             problems.append(f"{benchmark}/{optimizer}: " + "; ".join(notes))
         ranked = sorted(group, key=lambda t: (t.score, t.run_id))
         best = ranked[0] if math.isfinite(ranked[0].score) else None
         if best is None:
             notes.append("every trial diverged, failed or lacks a validation loss")
-        keys = swept_keys(group)
         selections.append(
             Selection(
                 benchmark=benchmark,
@@ -285,20 +319,41 @@ def rerun_seeds(tuning_seeds: Sequence[int], count: int) -> list[int]:
     return list(range(start, start + count))
 
 
+def stored_rerun_seeds(results: Path, best: Trial) -> set[int]:
+    """Seeds whose fresh-seed rerun of ``best`` is already stored and finished: final-stage runs
+    selected from its sweep, of its experiment and optimizer, with all its optimizer settings."""
+    seeds = set()
+    for path in find_run_folders(results):
+        summary = json.loads((path / "summary.json").read_text())
+        tuning = summary.get("tuning")
+        if not isinstance(tuning, dict) or tuning.get("stage") != TuningStage.FINAL.value:
+            continue
+        run = _trial(path, summary)
+        if (
+            tuning.get("source_sweep") == best.sweep_id
+            and run.experiment == best.experiment
+            and run.optimizer == best.optimizer
+            and run.hyperparameters == best.hyperparameters
+            and run.status in (RunStatus.COMPLETED.value, RunStatus.DIVERGED.value)
+        ):
+            seeds.add(run.seed)
+    return seeds
+
+
 def plan_reruns(
     selections: Sequence[Selection],
     trials: Sequence[Trial],
     *,
-    sweep_id: str,
+    results: Path,
     seeds: int | None,
     multirun_root: Path,
     launcher: str | None,
     python: str = sys.executable,
 ) -> None:
-    """Fill each selection's rerun seeds and command (one multirun per optimizer)."""
+    """Fill each selection's rerun seeds and command (one multirun per optimizer, into the
+    winner's sweep's ``-final`` folder); seeds already rerun for that winner are left out."""
     by_run = {t.run_id: t for t in trials}
     job_dirs = find_job_dirs(multirun_root)
-    final_dir = multirun_root / f"{sweep_id}-final"
     for selection in selections:
         if selection.best_run is None:
             continue
@@ -307,6 +362,15 @@ def plan_reruns(
         if count is None:
             count = int((best.tuning or {}).get("rerun_seeds", DEFAULT_RERUN_SEEDS))
         selection.rerun_seeds = rerun_seeds(selection.tuning_seeds, count)
+        stored = stored_rerun_seeds(results, best) & set(selection.rerun_seeds)
+        selection.stored_seeds = sorted(stored)
+        missing = [s for s in selection.rerun_seeds if s not in stored]
+        if not missing:
+            selection.notes.append(
+                f"the winner's reruns on seeds {selection.rerun_seeds} are already stored; "
+                "nothing to rerun"
+            )
+            continue
         job_dir = job_dirs.get(best.path.resolve())
         base = job_overrides(job_dir) if job_dir is not None else None
         if base is None:
@@ -317,8 +381,8 @@ def plan_reruns(
         overrides = rerun_overrides(
             selection,
             base=base,
-            seeds=selection.rerun_seeds,
-            source_sweep=sweep_id,
+            seeds=missing,
+            source_sweep=best.sweep_id,
             launcher=launcher,
             record_stage=best.tuning is not None and "stage" in best.tuning,
         )
@@ -327,7 +391,7 @@ def plan_reruns(
             str(REPO / "run.py"),
             "-m",
             *overrides,
-            f"hydra.sweep.dir={final_dir}",
+            f"hydra.sweep.dir={multirun_root / (best.sweep_id + '-final')}",
             f"hydra.sweep.subdir={selection.optimizer}_${{hydra.job.num}}",
         ]
 
@@ -507,11 +571,31 @@ def _parser() -> argparse.ArgumentParser:
     protocol = sub.add_parser("protocol", help="tune, select and rerun the winners")
     common_tune(protocol)
     common_select(protocol)
+    protocol.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="SWEEP",
+        help="an earlier tuning round's sweep id whose trials join the selection (repeatable)",
+    )
     return parser
 
 
 def _tune(args: argparse.Namespace) -> str:
     record = tuning_record(args.experiment, args.overrides)
+    after = getattr(args, "after", [])
+    if after:
+        if int(record.get("round", 1)) < 2:
+            raise ConfigError(
+                "--after",
+                f"'{args.experiment}' is tuning round 1; allowed: a preset with tuning.round >= 2"
+                " (an extension of the earlier round's grid)",
+            )
+        for sweep in after:
+            if not collect_trials_or_none(args.results, sweep):
+                raise ConfigError(
+                    "--after", f"no tuning trials of sweep '{sweep}' under '{args.results}'"
+                )
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     sweep_id = f"{args.experiment}-{stamp}"
     overrides = [*args.overrides, *([f"launcher={args.launcher}"] if args.launcher else [])]
@@ -537,7 +621,7 @@ def _select(args: argparse.Namespace, sweeps: list[str], *, launch: bool) -> Non
     plan_reruns(
         selections,
         trials,
-        sweep_id=sweeps[0],
+        results=args.results,
         seeds=args.seeds,
         multirun_root=args.multirun.resolve(),
         launcher=args.launcher,
@@ -560,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _select(args, args.sweep, launch=args.launch)
         else:
             sweep_id = _tune(args)
-            _select(args, [sweep_id], launch=True)
+            _select(args, [sweep_id, *args.after], launch=True)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -129,7 +129,7 @@ def test_all_trials_lost_gives_no_winner_and_no_command(tmp_path: Path) -> None:
     trials = tuning.collect_trials(tmp_path, [SWEEP])
     selections = tuning.select_best(trials)
     tuning.plan_reruns(
-        selections, trials, sweep_id=SWEEP, seeds=5, multirun_root=tmp_path / "m", launcher=None
+        selections, trials, results=tmp_path, seeds=5, multirun_root=tmp_path / "m", launcher=None
     )
     chosen = by_optimizer(selections)
     assert chosen["sgd"].best_run is None and chosen["sgd"].command == []
@@ -168,7 +168,12 @@ def test_rerun_keeps_the_winners_overrides_with_fresh_seeds(tmp_path: Path) -> N
     trials = tuning.collect_trials(tmp_path / "results", [SWEEP])
     selections = tuning.select_best(trials)
     tuning.plan_reruns(
-        selections, trials, sweep_id=SWEEP, seeds=5, multirun_root=multirun, launcher="slurm"
+        selections,
+        trials,
+        results=tmp_path / "results",
+        seeds=5,
+        multirun_root=multirun,
+        launcher="slurm",
     )
     (chosen,) = selections
     assert chosen.rerun_seeds == [3, 4, 5, 6, 7]  # after the tuning seed 2
@@ -186,7 +191,12 @@ def test_rerun_without_job_dir_is_rebuilt_from_the_summary(tmp_path: Path) -> No
     trials = tuning.collect_trials(tmp_path, [SWEEP])
     selections = tuning.select_best(trials)
     tuning.plan_reruns(
-        selections, trials, sweep_id=SWEEP, seeds=None, multirun_root=tmp_path / "m", launcher=None
+        selections,
+        trials,
+        results=tmp_path,
+        seeds=None,
+        multirun_root=tmp_path / "m",
+        launcher=None,
     )
     kfac = by_optimizer(selections)["kfac"]
     args = kfac.command[kfac.command.index("-m") + 1 :]
@@ -194,6 +204,98 @@ def test_rerun_without_job_dir_is_rebuilt_from_the_summary(tmp_path: Path) -> No
     assert "optimizer.lr=0.01" in args and "optimizer.damping=0.001" in args
     assert "trainer.seed=1,2,3,4,5" in args  # default: 5 seeds
     assert any("job dir not found" in note for note in kfac.notes)
+
+
+ROUND2 = "tune_x-20260102-000000"
+
+
+def round_two(root: Path, *, sgd_loss: float) -> None:
+    """A second tuning round (budget 1, one new point per optimizer) of the same experiment."""
+    record = {**RECORD, "budget": 1, "round": 2, "grid": {"sgd": {"lr": [1.0]}}}
+    write_run(
+        root,
+        "r2_sgd",
+        optimizer="sgd",
+        val_loss=sgd_loss,
+        hp={"lr": 1.0},
+        sweep=ROUND2,
+        record=record,
+    )
+    kfac = {**record, "grid": {"kfac": {"lr": [1.0], "damping": [0.001]}}}
+    write_run(
+        root, "r2_kfac", optimizer="kfac", val_loss=0.9, hp={"lr": 1.0, "damping": 0.001},
+        sweep=ROUND2, record=kfac,
+    )  # fmt: skip
+
+
+def test_a_second_round_adds_its_budget_and_can_change_the_winner(tmp_path: Path) -> None:
+    full_grid(tmp_path)
+    round_two(tmp_path, sgd_loss=0.05)
+    chosen = by_optimizer(tuning.select_best(tuning.collect_trials(tmp_path, [ROUND2, SWEEP])))
+    assert chosen["sgd"].budget == 3 and chosen["sgd"].trials == 3
+    assert chosen["sgd"].best_run == "r2_sgd" and chosen["sgd"].hyperparameters == {"lr": 1.0}
+    assert chosen["kfac"].best_run == "c_kfac_lr0.01"  # round 2 did worse: the winner stays
+    # one round alone is an incomplete budget only when its own count is short
+    assert (
+        by_optimizer(tuning.select_best(tuning.collect_trials(tmp_path, [ROUND2])))["sgd"].budget
+        == 1
+    )
+
+
+def test_a_round_that_repeats_a_point_is_refused(tmp_path: Path) -> None:
+    full_grid(tmp_path)
+    record = {**RECORD, "budget": 1, "round": 2, "grid": {"sgd": {"lr": [0.1]}}}
+    write_run(tmp_path, "r2", optimizer="sgd", val_loss=0.3, hp={"lr": 0.1}, sweep=ROUND2,
+              record=record)  # fmt: skip
+    trials = [t for t in tuning.collect_trials(tmp_path, [ROUND2, SWEEP]) if t.optimizer == "sgd"]
+    with pytest.raises(ConfigError, match=r"1 trial\(s\) repeat another trial's settings"):
+        tuning.select_best(trials)
+
+
+def test_stored_reruns_of_an_unchanged_winner_are_not_run_again(tmp_path: Path) -> None:
+    full_grid(tmp_path)
+    round_two(tmp_path, sgd_loss=0.05)
+    final = {**RECORD, "stage": "final", "source_sweep": SWEEP}
+    for seed in (1, 2, 3):  # kfac's round-1 winner was rerun on seeds 1-3 already
+        write_run(
+            tmp_path, f"f_kfac_{seed}", optimizer="kfac", hp={"lr": 0.01, "damping": 0.001},
+            seed=seed, record=final,
+        )  # fmt: skip
+    # a rerun of another setting, or selected from another sweep, does not count
+    write_run(tmp_path, "f_other", optimizer="kfac", hp={"lr": 0.1, "damping": 0.001}, seed=4,
+              record=final)  # fmt: skip
+    elsewhere = {**final, "source_sweep": "other"}
+    write_run(tmp_path, "f_else", optimizer="kfac", hp={"lr": 0.01, "damping": 0.001}, seed=5,
+              record=elsewhere)  # fmt: skip
+    trials = tuning.collect_trials(tmp_path, [ROUND2, SWEEP])
+    selections = tuning.select_best(trials)
+    multirun = tmp_path / "m"
+    tuning.plan_reruns(
+        selections, trials, results=tmp_path, seeds=5, multirun_root=multirun, launcher=None
+    )
+    chosen = by_optimizer(selections)
+    kfac, sgd = chosen["kfac"], chosen["sgd"]
+    assert kfac.rerun_seeds == [1, 2, 3, 4, 5] and kfac.stored_seeds == [1, 2, 3]
+    args = kfac.command[kfac.command.index("-m") + 1 :]
+    assert "trainer.seed=4,5" in args and f"tuning.source_sweep={SWEEP}" in args
+    assert f"hydra.sweep.dir={multirun / (SWEEP + '-final')}" in args
+    # sgd's winner comes from round 2: its reruns go to that round's final folder
+    args = sgd.command[sgd.command.index("-m") + 1 :]
+    assert f"hydra.sweep.dir={multirun / (ROUND2 + '-final')}" in args
+    assert "trainer.seed=1,2,3,4,5" in args
+    # once every seed is stored, nothing is run
+    for seed in (4, 5):
+        write_run(
+            tmp_path, f"f_kfac_{seed}", optimizer="kfac", hp={"lr": 0.01, "damping": 0.001},
+            seed=seed, record=final,
+        )  # fmt: skip
+    selections = tuning.select_best(trials)
+    tuning.plan_reruns(
+        selections, trials, results=tmp_path, seeds=5, multirun_root=multirun, launcher=None
+    )
+    kfac = by_optimizer(selections)["kfac"]
+    assert kfac.command == [] and kfac.stored_seeds == [1, 2, 3, 4, 5]
+    assert any("already stored" in note for note in kfac.notes)
 
 
 def test_grid_budget_must_be_equal_for_every_optimizer() -> None:
