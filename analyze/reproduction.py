@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,7 +168,27 @@ def outcome_table(outcomes: dict[str, ArmOutcome], target: float, target_arm: st
     else:
         lines.append("No first-order arm on this benchmark, so no time-to-target.")
         lines.append("")
-    return lines
+    return [*lines, *hardware_lines(outcomes)]
+
+
+def hardware_lines(outcomes: dict[str, ArmOutcome]) -> list[str]:
+    """When the final runs ran on more than one CPU: which arm ran where (wall-clock compares
+    only within one CPU; losses are unaffected beyond floating-point roundoff)."""
+    runs = [r for o in outcomes.values() for r in o.runs]
+    if len({r.cpu for r in runs}) < 2:
+        return []
+    per_arm = []
+    for arm, outcome in outcomes.items():
+        counts = Counter(r.cpu for r in outcome.runs)
+        per_arm.append(
+            f"{arm_name(arm)}: " + ", ".join(f"{cpu} ({n})" for cpu, n in sorted(counts.items()))
+        )
+    return [
+        "Hardware: these final runs ran on more than one CPU (" + "; ".join(per_arm) + "), so "
+        "wall-clock compares only between arms on the same CPU; steps to target do not depend "
+        "on it.",
+        "",
+    ]
 
 
 def source_settings_lines(study: str) -> list[str]:

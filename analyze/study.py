@@ -195,6 +195,7 @@ class StudyRun:
     hyperparameters: dict[str, Any]
     grid: dict[str, list[Any]]
     code_version: str
+    cpu: str  # from environment.json: wall-clock compares only between runs on the same CPU
     data_variant: str
     model: str
     final_running_loss: float  # NaN when unknown
@@ -319,6 +320,15 @@ def _source_study(summary: dict[str, Any], config: dict[str, Any]) -> tuple[str,
     return None if arm is None else (study.experiment, arm)
 
 
+def _cpu(path: Path) -> str:
+    """The CPU a run ran on, as its environment.json records it ("unknown" when it does not)."""
+    try:
+        environment = json.loads((path / "environment.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(environment.get("cpu") or "unknown") if isinstance(environment, dict) else "unknown"
+
+
 def read_study_run(path: Path) -> StudyRun | None:
     """A campaign run (None when the folder is not one or cannot be read)."""
     try:
@@ -332,6 +342,7 @@ def read_study_run(path: Path) -> StudyRun | None:
         if not isinstance(tuning, dict) or not tuning.get("study"):
             return None
         curve = _curve(path)
+        cpu = _cpu(path)
     except (OSError, ValueError, KeyError, yaml.YAMLError):
         return None
     arm = _arm(summary)
@@ -356,6 +367,7 @@ def read_study_run(path: Path) -> StudyRun | None:
         hyperparameters={k: hyper.get(k) for k in grid},
         grid={str(k): list(v) for k, v in grid.items()},
         code_version=str(summary.get("code_version") or "unknown")[:7],
+        cpu=cpu,
         data_variant=str(summary.get("data_variant")),
         model=str(summary.get("model")),
         final_running_loss=running,

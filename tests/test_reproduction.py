@@ -218,6 +218,18 @@ def test_a_second_tuning_round_supersedes_the_first_winners_finals(store: Path) 
     assert "[caveat" not in report
 
 
+def test_final_runs_on_different_cpus_are_flagged(store: Path) -> None:
+    """Wall-clock compares only within one CPU: the final-runs table says which arm ran where."""
+    assert "Hardware:" not in render_report(load_study([store]))  # one (unknown) CPU
+    for folder in store.iterdir():
+        if folder.name.startswith("kfac_final"):
+            cpu = "CPU B" if folder.name.startswith("kfac_final_s1_") else "CPU A"
+            (folder / "environment.json").write_text(json.dumps({"cpu": cpu}))
+    report = render_report(load_study([store]))
+    assert "Hardware: these final runs ran on more than one CPU (" in report
+    assert "K-FAC: CPU A (7), CPU B (1); two-level K-FAC (paper, rebuild): unknown (8)" in report
+
+
 def test_summary_section_round_trip(store: Path, tmp_path: Path) -> None:
     runs = load_study([store])
     section = render_summary(runs)
