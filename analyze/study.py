@@ -99,10 +99,10 @@ class SourceSettingsStudy:
         return None
 
 
-# Koroko et al.'s Fashion-MNIST network, every arm at their stored settings
-# (conf/experiment/koroko_fmnist_deep_linear.yaml); kfac2_exact is their own two-level form,
-# kfac2_authors the two-level authors' paper-time coarse matrix
-KOROKO_FMNIST_ARMS = (
+# Six arms told apart by their optimizer settings, each named with the coarse settings that set
+# it apart (a run of another two-level form matches none): kfac2_exact is Koroko et al.'s
+# two-level form, kfac2_authors the two-level authors' paper-time coarse matrix
+SIX_ARMS = (
     ("sgd", (("name", "sgd"),)),
     ("adam", (("name", "adam"),)),
     ("kfac", (("name", "kfac"),)),
@@ -149,8 +149,11 @@ SOURCE_SETTINGS_STUDIES = (
     ),
     # Koroko et al.'s Fashion-MNIST 64-layer linear + BatchNorm network at small scale and at
     # full scale (60,000 images, batch 512, up to 100 epochs with their early stopping)
-    SourceSettingsStudy(experiment="koroko_fmnist_deep_linear_small", arms=KOROKO_FMNIST_ARMS),
-    SourceSettingsStudy(experiment="koroko_fmnist_deep_linear", arms=KOROKO_FMNIST_ARMS),
+    SourceSettingsStudy(experiment="koroko_fmnist_deep_linear_small", arms=SIX_ARMS),
+    SourceSettingsStudy(experiment="koroko_fmnist_deep_linear", arms=SIX_ARMS),
+    # the authors' toy at their full settings (depth 128, 25,000 examples, 100 epochs, the
+    # plateau schedule): every arm at the preset's settings, only the optimizer changed
+    SourceSettingsStudy(experiment="tselepidis_deep_linear", arms=SIX_ARMS),
 )
 SOURCE_STUDIES = {s.experiment: s for s in SOURCE_SETTINGS_STUDIES}
 # config keys that cannot change a trajectory (where results go, logging, resuming, progress)
