@@ -136,7 +136,9 @@ def plot_study(
         _curves(by_wall, outcomes, palette, wall=True, baseline=baseline)
         _finals(by_seed, outcomes, palette)
         by_epoch.set_title("vs epochs")
-        by_wall.set_title("vs wall-clock")
+        cpus = {arm: sorted({r.cpu for r in o.usable}) for arm, o in outcomes.items() if o.usable}
+        mixed = len({cpu for names in cpus.values() for cpu in names}) > 1
+        by_wall.set_title("vs wall-clock (CPUs differ: see caption)" if mixed else "vs wall-clock")
         by_seed.set_title("final running loss per seed")
         handles, labels = by_epoch.get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=len(labels))
@@ -152,6 +154,11 @@ def plot_study(
     if np.isfinite(baseline):
         predictor = finals[0].baseline_predictor or "best constant predictor"
         caption.note(f"dashed: trivial baseline ({predictor}), {baseline:.4g} nats")
+    if mixed:
+        caption.note(
+            "wall-clock compares only between arms on the same CPU; the arms ran on "
+            + "; ".join(f"{arm}: {', '.join(names)}" for arm, names in cpus.items())
+        )
     for arm, outcome in outcomes.items():
         seeds = sorted(r.seed for r in outcome.usable)
         line = f"{arm} = {ARM_NAMES.get(arm, arm)}: {len(seeds)} usable runs (seeds {seeds})"

@@ -38,6 +38,21 @@ def test_study_figure_draws_the_usable_final_runs(store: Path) -> None:  # noqa:
     assert by_wall.get_xlabel().startswith("wall-clock")
 
 
+def test_study_figure_says_when_arms_ran_on_different_cpus(store: Path) -> None:  # noqa: F811
+    caption = Caption()
+    fig = plot_study(load_study([store]), study="toy_study", caption=caption)
+    assert fig.axes[1].get_title() == "vs wall-clock" and "same CPU" not in caption.markdown()
+    for folder in store.iterdir():
+        if folder.name.startswith("kfac_final"):
+            (folder / "environment.json").write_text('{"cpu": "CPU B"}')
+    caption = Caption()
+    fig = plot_study(load_study([store]), study="toy_study", caption=caption)
+    assert fig.axes[1].get_title() == "vs wall-clock (CPUs differ: see caption)"
+    assert "the arms ran on sgd: unknown; adam: unknown; kfac: CPU B; kfac2: unknown" in (
+        caption.markdown()
+    )
+
+
 def test_study_figure_refuses_a_study_without_usable_runs(tmp_path: Path) -> None:
     write_run(tmp_path, arm="kfac", optimizer="kfac", seed=1, final=199.5)
     runs = load_study([tmp_path])
