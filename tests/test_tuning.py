@@ -12,6 +12,7 @@ import yaml
 
 from core.errors import ConfigError
 from suite import tuning
+from suite.preflight import compose_job
 from suite.store import RunFolder, RunRecord
 from suite.train import POINTER_FILE
 
@@ -333,3 +334,31 @@ def test_cli_select_writes_the_selection_and_prints_commands(
     printed = capsys.readouterr().out
     assert "optimizer=kfac" in printed and "trainer.seed=1,2,3,4,5" in printed
     assert tuning.main(["select", "--results", str(tmp_path / "results"), "--sweep", "x"]) == 2
+
+
+ROUND2_PRESETS = sorted(
+    p.stem for p in (tuning.REPO / "conf" / "experiment").glob("study_*_round2.yaml")
+)
+
+
+@pytest.mark.parametrize("preset", ROUND2_PRESETS)
+def test_a_round_two_preset_extends_its_round_one_with_new_points_only(preset: str) -> None:
+    """A round-2 preset keeps round 1's experiment name (its trials must join round 1's
+    selection) and adds only points round 1 did not spend."""
+    first = preset.removesuffix("_round2")
+    later, earlier = tuning.tuning_record(preset), tuning.tuning_record(first)
+    assert later["round"] == 2 and earlier["round"] == 1
+    assert compose_job([f"experiment={preset}"]).experiment == first
+    assert later["grid"].keys() == earlier["grid"].keys()
+    for optimizer, grid in later["grid"].items():
+        old = {repr(p) for p in tuning.grid_combinations(earlier["grid"][optimizer])}
+        new = {repr(p) for p in tuning.grid_combinations(grid)}
+        assert not old & new, f"{preset}: {optimizer} repeats round-1 points {old & new}"
+
+
+def test_every_arm_of_a_study_gets_the_same_round_two_budget() -> None:
+    budgets: dict[str, set[int]] = {}
+    for preset in ROUND2_PRESETS:
+        record = tuning.tuning_record(preset)
+        budgets.setdefault(str(record["study"]), set()).add(int(record["budget"]))
+    assert budgets and all(len(b) == 1 for b in budgets.values()), budgets
