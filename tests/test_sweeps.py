@@ -60,7 +60,10 @@ def test_every_benchmark_preset_has_a_tuning_preset() -> None:
 @pytest.mark.parametrize("name", STUDY_PRESETS)
 def test_study_arm_presets_compose_with_their_campaign(name: str) -> None:
     cfg = compose_full([f"experiment={name}"])
-    assert cfg.experiment == name and cfg.tuning.study in BENCHMARK_PRESETS
+    # a later tuning round records its round-1 preset's name, so that their trials join
+    first = name.removesuffix("_round2")
+    assert cfg.tuning.round == (1 if first == name else 2)
+    assert cfg.experiment == first and cfg.tuning.study in BENCHMARK_PRESETS
     assert cfg.tuning.arm and cfg.data.val_fraction > 0 and cfg.tuning.stage == "tune"
     validate_config(compose_job([f"experiment={name}"]))  # equal budget: every grid has `budget`
 
