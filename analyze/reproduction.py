@@ -207,9 +207,12 @@ def source_settings_lines(study: str) -> list[str]:
     ]
 
 
-def tuning_table(runs: Sequence[StudyRun], study: str) -> list[str]:
+def tuning_table(
+    runs: Sequence[StudyRun], study: str, outcomes: dict[str, ArmOutcome]
+) -> list[str]:
     """Per arm of ``study``: the grid, trials spent, the winner, and whether it lies on the
-    grid's edge; then the grid-edge checks."""
+    grid's edge; then the grid-edge checks and the reruns of superseded winners (``outcomes``:
+    the study's `arm_outcomes`)."""
     runs = [r for r in runs if r.study == study]
     arms = sorted({r.arm for r in runs}, key=arm_rank)
     lines = [
@@ -255,7 +258,7 @@ def tuning_table(runs: Sequence[StudyRun], study: str) -> list[str]:
                 + ("; inside the grid since a later tuning round" if inside else "")
             )
         lines.append("")
-    superseded = [r for o in arm_outcomes(runs, study).values() for r in o.superseded]
+    superseded = [r for o in outcomes.values() for r in o.superseded]
     if superseded:
         lines.append(
             "Final runs of a superseded winner (a later tuning round found a better setting; "
@@ -319,14 +322,16 @@ def published_lines(model: str, outcomes: dict[str, ArmOutcome]) -> list[str]:
     return [*lines, ""]
 
 
-def _protocol_lines(runs: Sequence[StudyRun], study: str) -> list[str]:
+def _protocol_lines(
+    runs: Sequence[StudyRun], study: str, outcomes: dict[str, ArmOutcome]
+) -> list[str]:
     of_study = [r for r in runs if r.study == study]
     first = of_study[0]
     baselines = sorted({round(r.baseline_train_loss, 6) for r in of_study})
     versions = sorted({r.code_version for r in of_study})
     finals = [r for r in of_study if r.stage == "final"]
     seeds = sorted({r.seed for r in finals})
-    superseded = sum(len(o.superseded) for o in arm_outcomes(runs, study).values())
+    superseded = sum(len(o.superseded) for o in outcomes.values())
     old = f"; {superseded} of them of a superseded winner" if superseded else ""
     return [
         f"Model `{first.model}`, data `{first.data_variant}`; {len(of_study)} runs "
@@ -368,12 +373,14 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         outcomes = arm_outcomes(runs, study)
         target, target_arm = study_target(outcomes)
         model = next(r.model for r in runs if r.study == study)
-        out.extend([f"## {study}", "", *_protocol_lines(runs, study)])
+        out.extend([f"## {study}", "", *_protocol_lines(runs, study, outcomes)])
         out.extend(published_lines(model, outcomes))
         if study in SOURCE_STUDIES:
             out.extend(["### Settings (no tuning)", "", *source_settings_lines(study)])
         else:
-            out.extend(["### Tuning (equal budget per arm)", "", *tuning_table(runs, study)])
+            out.extend(
+                ["### Tuning (equal budget per arm)", "", *tuning_table(runs, study, outcomes)]
+            )
         out.extend(
             ["### Final runs (fresh seeds)", "", *outcome_table(outcomes, target, target_arm)]
         )

@@ -126,33 +126,31 @@ def _trial(path: Path, summary: dict[str, Any]) -> Trial:
     )
 
 
-def _stage(trial: Trial) -> str | None:
-    return trial.tuning.get("stage") if trial.tuning is not None else None
+def read_runs(results: Path) -> list[Trial]:
+    """Every run stored under ``results``, whatever its stage."""
+    return [
+        _trial(path, json.loads((path / "summary.json").read_text()))
+        for path in find_run_folders(results)
+    ]
+
+
+def tuning_trials(runs: Sequence[Trial], sweeps: Sequence[str]) -> list[Trial]:
+    """The runs of the given sweeps that are tuning trials (final reruns, edge checks out)."""
+    wanted = set(sweeps)
+    skipped = (TuningStage.FINAL.value, TuningStage.EXTENSION.value)
+    return [
+        t
+        for t in runs
+        if t.sweep_id in wanted and (t.tuning is None or t.tuning.get("stage") not in skipped)
+    ]
 
 
 def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
     """Tuning-stage runs of the given sweeps under ``results`` (final reruns, edge checks out)."""
-    wanted = set(sweeps)
-    trials = []
-    for path in find_run_folders(results):
-        summary = json.loads((path / "summary.json").read_text())
-        if summary.get("sweep_id") not in wanted:
-            continue
-        trial = _trial(path, summary)
-        if _stage(trial) in (TuningStage.FINAL.value, TuningStage.EXTENSION.value):
-            continue
-        trials.append(trial)
+    trials = tuning_trials(read_runs(results), sweeps)
     if not trials:
         raise ConfigError("--sweep", f"no runs of sweep(s) {', '.join(sweeps)} under '{results}'")
     return trials
-
-
-def collect_trials_or_none(results: Path, sweep: str) -> list[Trial]:
-    """Tuning-stage runs of one sweep (empty when it has none)."""
-    try:
-        return collect_trials(results, [sweep])
-    except ConfigError:
-        return []
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -319,25 +317,20 @@ def rerun_seeds(tuning_seeds: Sequence[int], count: int) -> list[int]:
     return list(range(start, start + count))
 
 
-def stored_rerun_seeds(results: Path, best: Trial) -> set[int]:
-    """Seeds whose fresh-seed rerun of ``best`` is already stored and finished: final-stage runs
+def stored_rerun_seeds(runs: Sequence[Trial], best: Trial) -> set[int]:
+    """Seeds whose fresh-seed rerun of ``best`` is among ``runs`` and finished: final-stage runs
     selected from its sweep, of its experiment and optimizer, with all its optimizer settings."""
-    seeds = set()
-    for path in find_run_folders(results):
-        summary = json.loads((path / "summary.json").read_text())
-        tuning = summary.get("tuning")
-        if not isinstance(tuning, dict) or tuning.get("stage") != TuningStage.FINAL.value:
-            continue
-        run = _trial(path, summary)
-        if (
-            tuning.get("source_sweep") == best.sweep_id
-            and run.experiment == best.experiment
-            and run.optimizer == best.optimizer
-            and run.hyperparameters == best.hyperparameters
-            and run.status in (RunStatus.COMPLETED.value, RunStatus.DIVERGED.value)
-        ):
-            seeds.add(run.seed)
-    return seeds
+    return {
+        run.seed
+        for run in runs
+        if run.tuning is not None
+        and run.tuning.get("stage") == TuningStage.FINAL.value
+        and run.tuning.get("source_sweep") == best.sweep_id
+        and run.experiment == best.experiment
+        and run.optimizer == best.optimizer
+        and run.hyperparameters == best.hyperparameters
+        and run.status in (RunStatus.COMPLETED.value, RunStatus.DIVERGED.value)
+    }
 
 
 def plan_reruns(
@@ -354,6 +347,7 @@ def plan_reruns(
     winner's sweep's ``-final`` folder); seeds already rerun for that winner are left out."""
     by_run = {t.run_id: t for t in trials}
     job_dirs = find_job_dirs(multirun_root)
+    stored_runs = read_runs(results)
     for selection in selections:
         if selection.best_run is None:
             continue
@@ -362,7 +356,7 @@ def plan_reruns(
         if count is None:
             count = int((best.tuning or {}).get("rerun_seeds", DEFAULT_RERUN_SEEDS))
         selection.rerun_seeds = rerun_seeds(selection.tuning_seeds, count)
-        stored = stored_rerun_seeds(results, best) & set(selection.rerun_seeds)
+        stored = stored_rerun_seeds(stored_runs, best) & set(selection.rerun_seeds)
         selection.stored_seeds = sorted(stored)
         missing = [s for s in selection.rerun_seeds if s not in stored]
         if not missing:
@@ -591,8 +585,9 @@ def _tune(args: argparse.Namespace) -> str:
                 f"'{args.experiment}' is tuning round 1; allowed: a preset with tuning.round >= 2"
                 " (an extension of the earlier round's grid)",
             )
+        stored = read_runs(args.results)
         for sweep in after:
-            if not collect_trials_or_none(args.results, sweep):
+            if not tuning_trials(stored, [sweep]):
                 raise ConfigError(
                     "--after", f"no tuning trials of sweep '{sweep}' under '{args.results}'"
                 )
