@@ -86,7 +86,12 @@ DIAGNOSTICS_MAX_ENTRIES = 20_000_000
 # on statistics steps), or a coarse matrix this ill-conditioned, is warned about and counted.
 COARSE_SHARE_MAX = 10.0
 COARSE_COND_MAX = 1.0e8
-SAFE_SETTINGS = "coarse_fisher=exact, coarse_damping=projected, basis_norm=max (Koroko et al.)"
+# Koroko et al.'s coarse settings, named by a safety warning when a run uses others.
+SAFE_SETTINGS: dict[str, Enum] = {
+    "coarse_fisher": CoarseFisher.exact,
+    "coarse_damping": CoarseDamping.projected,
+    "basis_norm": BasisNorm.max,
+}
 
 
 class CoarseSafetyWarning(RuntimeWarning):
@@ -371,9 +376,20 @@ class TwoLevelKFAC(KFAC):
                 "cond",
                 f"two-level K-FAC: coarse matrix condition number {cond:.3g} > "
                 f"{COARSE_COND_MAX:g} at step {self.counters.steps}; the coarse step may swamp "
-                f"the K-FAC step (safer: {SAFE_SETTINGS})",
+                f"the K-FAC step ({self._safer_hint()})",
             )
         return _Operator(bases=bases, solver=solver, fisher=fisher)
+
+    def _safer_hint(self) -> str:
+        """Name the Koroko et al. settings this optimizer does not use yet (or say it uses all)."""
+        differ = [
+            f"{name}={value.value}"
+            for name, value in SAFE_SETTINGS.items()
+            if getattr(self, name) is not value
+        ]
+        if not differ:
+            return "already at Koroko et al.'s coarse settings"
+        return f"safer: {', '.join(differ)} (Koroko et al.)"
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -392,7 +408,7 @@ class TwoLevelKFAC(KFAC):
                 "share",
                 f"two-level K-FAC: coarse correction {ratio:.3g}× the K-FAC step (> "
                 f"{COARSE_SHARE_MAX:g}×) at step {self.counters.steps}; the KL clip will shrink "
-                f"the whole step (safer: {SAFE_SETTINGS})",
+                f"the whole step ({self._safer_hint()})",
             )
 
     def coarse_operator(

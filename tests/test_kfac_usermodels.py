@@ -401,6 +401,37 @@ def test_two_level_refuses_to_run_without_its_coarse_level() -> None:
     assert kfac.diagnostics()["missing_stats"] == 1.0
 
 
+@pytest.mark.parametrize(
+    ("settings", "hint"),
+    [
+        (
+            {},
+            "safer: coarse_fisher=exact, coarse_damping=projected, basis_norm=max (Koroko et al.)",
+        ),
+        (
+            {"coarse_fisher": "exact"},
+            "safer: coarse_damping=projected, basis_norm=max (Koroko et al.)",
+        ),
+        (
+            {"coarse_fisher": "exact", "coarse_damping": "projected", "basis_norm": "max"},
+            "already at Koroko et al.'s coarse settings",
+        ),
+    ],
+)
+def test_coarse_safety_warning_names_only_settings_not_in_use(
+    monkeypatch: pytest.MonkeyPatch, settings: dict[str, str], hint: str
+) -> None:
+    """Every coarse matrix trips the condition limit here; the warning suggests what differs."""
+    monkeypatch.setattr("optimizers.twolevel.COARSE_COND_MAX", 1.0)
+    model = mlp()
+    opt = TwoLevelKFAC(model, lr=0.1, damping=1e-3, cov_period=1, **settings)  # type: ignore[arg-type]
+    with pytest.warns(CoarseSafetyWarning, match="condition number") as caught:
+        protocol_step(opt, model, *data(0), Likelihood.gaussian)
+    messages = [str(w.message) for w in caught if "condition number" in str(w.message)]
+    assert len(messages) == 1 and messages[0].endswith(f"({hint})"), messages
+    assert opt.diagnostics()["coarse_extreme_cond"] == 1.0
+
+
 @pytest.mark.slow
 def test_resnet18_trains_with_the_documented_two_level_settings() -> None:
     """torchvision ResNet-18 (the cifar10_resnet18 network), 16 synthetic 32×32 images.
