@@ -53,6 +53,9 @@ class TuningStage(str, Enum):
     TUNE = "tune"
     FINAL = "final"  # set by suite.tuning on the reruns of a winner
     EXTENSION = "extension"  # beyond a winner's grid edge: reported, never selected
+    # a setting outside the campaign's arms, run to check a design choice (which of a source's
+    # variants an arm stands for): reported apart, never selected, never in a claim
+    PILOT = "pilot"
 
 
 class WandbMode(str, Enum):

@@ -135,9 +135,10 @@ def read_runs(results: Path) -> list[Trial]:
 
 
 def tuning_trials(runs: Sequence[Trial], sweeps: Sequence[str]) -> list[Trial]:
-    """The runs of the given sweeps that are tuning trials (final reruns, edge checks out)."""
+    """The runs of the given sweeps that are tuning trials (final reruns, edge checks and
+    pilots out)."""
     wanted = set(sweeps)
-    skipped = (TuningStage.FINAL.value, TuningStage.EXTENSION.value)
+    skipped = (TuningStage.FINAL.value, TuningStage.EXTENSION.value, TuningStage.PILOT.value)
     return [
         t
         for t in runs

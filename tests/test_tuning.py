@@ -90,13 +90,15 @@ def test_lowest_final_val_loss_wins_and_diverged_runs_lose(tmp_path: Path) -> No
     assert chosen["kfac"].budget == 2 and chosen["kfac"].trials == 2
 
 
-def test_other_sweeps_final_reruns_and_edge_checks_are_ignored(tmp_path: Path) -> None:
+def test_other_sweeps_final_reruns_edge_checks_and_pilots_are_ignored(tmp_path: Path) -> None:
     full_grid(tmp_path)
     write_run(tmp_path, "e_other", optimizer="sgd", val_loss=0.01, hp={"lr": 1.0}, sweep="other")
     final = {**RECORD, "stage": "final"}
     write_run(tmp_path, "f_final", optimizer="sgd", val_loss=0.01, hp={"lr": 1.0}, record=final)
     edge = {**RECORD, "stage": "extension"}  # a grid-edge check: reported, never selected
     write_run(tmp_path, "g_edge", optimizer="sgd", val_loss=0.01, hp={"lr": 2.0}, record=edge)
+    pilot = {**RECORD, "stage": "pilot"}  # checks a design choice: reported, never selected
+    write_run(tmp_path, "h_pilot", optimizer="sgd", val_loss=0.01, hp={"lr": 0.3}, record=pilot)
     chosen = by_optimizer(tuning.select_best(tuning.collect_trials(tmp_path, [SWEEP])))
     assert chosen["sgd"].best_run == "b_sgd_lr0.1" and chosen["sgd"].trials == 2
 
