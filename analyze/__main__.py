@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--with-trials",
         action="store_true",
-        help="include tuning trials (tuning.stage=tune; left out by default)",
+        help="include tuning trials and pilots (tuning.stage tune, pilot; left out by default)",
     )
     p.add_argument(
         "--axes",

@@ -48,7 +48,7 @@ class BuildOptions:
     benchmarks: tuple[str, ...] = ()
     optimizers: tuple[str, ...] = ()
     sweep: str | None = None
-    trials: bool = False  # include tuning trials (tuning.stage == "tune")
+    trials: bool = False  # include tuning trials and pilots (tuning.stage "tune", "pilot")
     axes: tuple[Axis, ...] = (Axis.EPOCH, Axis.STEP, Axis.WALL)
     band: Band = Band.CI95
     loss_kind: LossKind = LossKind.SUM

@@ -128,12 +128,13 @@ class ResultsSet:
     ) -> ResultsSet:
         """Keep runs of the named benchmarks/optimizers/sweep; an unknown name raises.
 
-        ``trials=False`` drops tuning trials (``tuning.stage == "tune"``): single-seed grid
-        points that selected a setting, not results to average or plot.
+        ``trials=False`` drops tuning trials and pilots (``tuning.stage`` ``tune`` or
+        ``pilot``): single-seed grid points that selected or checked a setting, not results to
+        average or plot.
         """
         mask = pd.Series(True, index=self.runs.index)
         if not trials and "tuning.stage" in self.runs:
-            mask &= self.runs["tuning.stage"].astype(str) != "tune"
+            mask &= ~self.runs["tuning.stage"].astype(str).isin(["tune", "pilot"])
         if benchmarks:
             known = set(self.runs["benchmark"].dropna()) | set(self.runs["experiment"].dropna())
             _check_known("--benchmark", benchmarks, known)

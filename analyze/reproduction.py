@@ -36,6 +36,7 @@ from analyze.study import (
     ARM_NAMES,
     ARM_ORDER,
     EXTENSION_STAGE,
+    PILOT_STAGE,
     SOURCE_STUDIES,
     ArmOutcome,
     ComparisonSpec,
@@ -258,6 +259,7 @@ def tuning_table(
                 + ("; inside the grid since a later tuning round" if inside else "")
             )
         lines.append("")
+    lines.extend(pilot_table(runs))
     superseded = [r for o in outcomes.values() for r in o.superseded]
     if superseded:
         lines.append(
@@ -616,10 +618,40 @@ def render_summary(runs: Sequence[StudyRun]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def pilot_table(runs: Sequence[StudyRun]) -> list[str]:
+    """The pilot runs of one study's ``runs``: per variant, its trials and its best one by the
+    study's selection rule (lowest final validation loss among completed runs)."""
+    pilots = [r for r in runs if r.stage == PILOT_STAGE]
+    if not pilots:
+        return []
+    lines = [
+        "Pilot runs (a source's variants outside the campaign's arms, each over an arm's grid on "
+        "seed 0, to check which variant an arm stands for; never selected, never in a claim; "
+        "compare with the winners above):",
+        "",
+        "| pilot | runs | completed | learned | best setting | best final val loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in sorted({r.arm for r in pilots}, key=arm_rank):
+        of_arm = [r for r in pilots if r.arm == arm]
+        done = [
+            r
+            for r in of_arm
+            if r.status == RunStatus.COMPLETED.value and math.isfinite(r.final_val_loss)
+        ]
+        best = min(done, key=lambda r: (r.final_val_loss, r.run_id)) if done else None
+        lines.append(
+            f"| {arm_name(arm)} | {len(of_arm)} | {len(done)} | {sum(r.learned for r in done)} "
+            f"| {_settings(best.hyperparameters) if best else '–'} "
+            f"| {fmt(best.final_val_loss) if best else '–'} |"
+        )
+    return [*lines, ""]
+
+
 def compute_table(runs: Sequence[StudyRun], study: str) -> list[str]:
     """Actual compute per arm: runs and summed wall-clock, tuning and final stages."""
     lines = [
-        "| arm | tuning runs (+ edge checks) | final runs | wall-clock, tuning (min) "
+        "| arm | tuning runs (+ edge checks, pilots) | final runs | wall-clock, tuning (min) "
         "| wall-clock, final (min) |",
         "|---|---|---|---|---|",
     ]

@@ -47,6 +47,7 @@ from suite.train import split_targets
 FINAL_STAGE = TuningStage.FINAL.value
 TUNE_STAGE = TuningStage.TUNE.value
 EXTENSION_STAGE = TuningStage.EXTENSION.value  # beyond a winner's grid edge: never selected
+PILOT_STAGE = TuningStage.PILOT.value  # a source's variant outside the arms: never selected
 MULTI_OPTIMIZER_ARM = "first_order"  # a preset that tunes several optimizers: arm = optimizer
 
 
@@ -77,6 +78,11 @@ ARM_NAMES = {
     "kfac2_accumulate": "two-level K-FAC (paper, authors' accumulating coarse matrix)",
     "kfac2_exact": "two-level K-FAC (Koroko: Nicolaides, exact coarse Fisher)",
     "kfac2_authors": "two-level K-FAC (authors' paper-time code: accumulate, nearest)",
+    # Koroko et al.'s other coarse spaces (pilots of which one their arm stands for)
+    "kfac2_spectral": "two-level K-FAC (Koroko: spectral, exact coarse Fisher)",
+    "kfac2_residual": "two-level K-FAC (Koroko: residual, exact coarse Fisher)",
+    "kfac2_krylov": "two-level K-FAC (Koroko: Krylov from all-ones, exact coarse Fisher)",
+    "kfac2_krylov_residual": "two-level K-FAC (Koroko: Krylov from residual, exact coarse Fisher)",
 }
 
 

@@ -629,10 +629,10 @@ def test_budget_from_config_splits_groups(tmp_path: Path) -> None:
     assert table.loc["sgd · epochs=4", "n_seeds"] == 1
 
 
-def test_tuning_trials_are_left_out_unless_asked_for(tmp_path: Path) -> None:
+def test_tuning_trials_and_pilots_are_left_out_unless_asked_for(tmp_path: Path) -> None:
     key = ("mnist_ae", "mnist-5k", "sgd", "sgd")
     epochs = np.arange(EPOCHS + 1, dtype=float)
-    for seed, stage in ((0, "tune"), (1, "final"), (2, "final")):
+    for seed, stage in ((0, "tune"), (1, "final"), (2, "final"), (3, "pilot")):
         write_run(
             tmp_path,
             f"{stage}{seed}",
@@ -644,7 +644,7 @@ def test_tuning_trials_are_left_out_unless_asked_for(tmp_path: Path) -> None:
             tuning={"stage": stage, "budget": 6},
         )
     everything = load_results([tmp_path])
-    assert len(everything.runs) == 3
+    assert len(everything.runs) == 4
     kept = everything.filter(trials=False)
     assert sorted(kept.runs["run_id"]) == ["final1", "final2"]
     assert set(kept.evals["run_id"]) == {"final1", "final2"}
@@ -653,7 +653,7 @@ def test_tuning_trials_are_left_out_unless_asked_for(tmp_path: Path) -> None:
     out = build_all(BuildOptions(results=(tmp_path,), out=tmp_path / "fig"))
     assert sorted(out.results.runs["run_id"]) == ["final1", "final2"]
     with_trials = build_all(BuildOptions(results=(tmp_path,), out=tmp_path / "f2", trials=True))
-    assert len(with_trials.results.runs) == 3
+    assert len(with_trials.results.runs) == 4
 
 
 def test_paired_difference_only_pairs_matching_kfac_settings(tmp_path: Path) -> None:

@@ -147,6 +147,31 @@ def test_verdicts_from_a_hand_made_store(store: Path) -> None:
     assert "- K-FAC: lr 0.9 → final val loss 98 (the selected winner: 99)" in report
 
 
+def test_pilot_runs_are_listed_apart_and_change_no_claim(store: Path) -> None:
+    """Pilots (another variant over an arm's grid, seed 0): one row each with its best trial by
+    the selection rule; a failed pilot is counted but cannot be best; the tuning table, the
+    verdicts and the answer are those of the store without them."""
+    before = render_report(load_study([store]))
+    trials = ((0.1, 97.5, "completed"), (0.3, 50.0, "failed"), (0.9, 98.5, "completed"))
+    for lr, val, status in trials:
+        write_run(store, arm="kfac2_spectral", optimizer="kfac2_spectral", seed=0, final=val,
+                  stage="pilot", lr=lr, val=val, status=status, grid=[0.1, 0.3, 0.9])  # fmt: skip
+    report = render_report(load_study([store]))
+    toy = report.split("## toy_study")[1]
+    row = "| two-level K-FAC (Koroko: spectral, exact coarse Fisher) | 3 | 2 | 2 | lr 0.1 | 97.5 |"
+    assert row in toy
+    assert "Pilot runs (a source's variants outside the campaign's arms" in toy
+    assert "Pilot runs" not in before
+
+    def claims(text: str) -> list[str]:
+        return [line for line in text.splitlines() if "**" in line or "| K-FAC | lr" in line]
+
+    assert claims(report) == claims(before)
+    # counted in the compute the study spent, with the tuning-stage runs
+    compute = render_summary(load_study([store]))
+    assert "| two-level K-FAC (Koroko: spectral, exact coarse Fisher) | 3 | 0 |" in compute
+
+
 def test_the_answer_groups_each_question_by_verdict(store: Path) -> None:
     """The report's first section: per question, where the arm is better, equivalent, worse,
     or cannot be told apart, each benchmark under exactly one of them."""
