@@ -290,6 +290,39 @@ def test_spectral_tie_break_is_basis_independent() -> None:
     torch.testing.assert_close(fa @ first[:, :3], torch.zeros(6, 3, dtype=torch.float64))
 
 
+def test_spectral_tie_break_needs_no_iterative_decomposition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LAPACK's SVD failed to converge on a real 1001 × 625 tied eigenspace of a G factor in
+    float32 (a kfac2_spectral run stopped with LinAlgError): the completion of the tie-broken
+    basis is closed-form, so it holds with every SVD failing, at that size and in float32."""
+
+    def no_svd(*args: object, **kwargs: object) -> None:
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    gen = torch.Generator().manual_seed(3)
+    n, tied = 1001, 625
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    evals = torch.cat([torch.full((tied,), 1e-3), torch.linspace(1.0, 2.0, n - tied)])
+    evals32, q32 = evals.float(), q.float()
+    _, basis = aligned_eigenpairs(evals32, q32)
+    space = q[:, :tied]
+    ones = torch.ones(n, dtype=torch.float64)
+    proj = space @ (space.T @ ones)
+    first = basis[:, :tied].double()
+    torch.testing.assert_close(first[:, 0], proj / proj.norm(), atol=1e-5, rtol=0)
+    gram = first.T @ first  # orthonormal ...
+    torch.testing.assert_close(gram, torch.eye(tied, dtype=torch.float64), atol=1e-4, rtol=0)
+    inside = space.T @ first  # ... and spanning the tied eigenspace: no component outside it
+    torch.testing.assert_close(
+        (first - space @ inside).norm(dim=0),
+        torch.zeros(tied, dtype=torch.float64),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
 def test_spectral_nbasis_orders_by_eigenvalue_product() -> None:
     da = torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64)
     dg = torch.tensor([5.0, 0.5], dtype=torch.float64)
