@@ -335,9 +335,12 @@ def _protocol_lines(
     seeds = sorted({r.seed for r in finals})
     superseded = sum(len(o.superseded) for o in outcomes.values())
     old = f"; {superseded} of them of a superseded winner" if superseded else ""
+    pilots = sum(r.stage == PILOT_STAGE for r in of_study)
+    trials = len(of_study) - len(finals) - pilots
     return [
         f"Model `{first.model}`, data `{first.data_variant}`; {len(of_study)} runs "
-        f"({len(of_study) - len(finals)} tuning trials, {len(finals)} final runs on seeds "
+        f"({trials} tuning trials{f', {pilots} pilot runs' if pilots else ''}, "
+        f"{len(finals)} final runs on seeds "
         f"{', '.join(str(s) for s in seeds) or '–'}{old}); code "
         + ", ".join(f"`{v}`" for v in versions)
         + ".",

@@ -66,10 +66,15 @@ COMPARISONS = (
     ComparisonSpec("K-FAC vs SGD", "kfac", "sgd"),
     ComparisonSpec("two-level accumulate vs rebuild", "kfac2_accumulate", "kfac2"),
     ComparisonSpec("two-level (Koroko exact) vs K-FAC", "kfac2_exact", "kfac"),
+    # where a pilot found another of Koroko et al.'s spaces best (docs/study.md)
+    ComparisonSpec("two-level (Koroko Krylov) vs K-FAC", "kfac2_krylov", "kfac"),
     ComparisonSpec("two-level authors' code (accumulate) vs rebuild", "kfac2_authors", "kfac2"),
     ComparisonSpec("two-level authors' code (accumulate) vs K-FAC", "kfac2_authors", "kfac"),
 )
-ARM_ORDER = ("sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_authors", "kfac2_exact")
+ARM_ORDER = (
+    "sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_authors", "kfac2_exact",
+    "kfac2_krylov",
+)  # fmt: skip
 ARM_NAMES = {
     "sgd": "SGD",
     "adam": "Adam",

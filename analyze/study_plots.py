@@ -39,6 +39,7 @@ ARM_STYLE = {
     "kfac": ("kfac", "-"),
     "kfac2": ("kfac2", "-"),
     "kfac2_exact": ("kfac2", "--"),
+    "kfac2_krylov": ("kfac2", "-."),
     "kfac2_accumulate": ("kfac2", ":"),
     "kfac2_authors": ("kfac2", ":"),
 }

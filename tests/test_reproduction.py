@@ -162,6 +162,7 @@ def test_pilot_runs_are_listed_apart_and_change_no_claim(store: Path) -> None:
     assert row in toy
     assert "Pilot runs (a source's variants outside the campaign's arms" in toy
     assert "Pilot runs" not in before
+    assert "(3 tuning trials, 3 pilot runs, 32 final runs" in toy
 
     def claims(text: str) -> list[str]:
         return [line for line in text.splitlines() if "**" in line or "| K-FAC | lr" in line]
