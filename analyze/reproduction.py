@@ -630,7 +630,8 @@ def pilot_table(runs: Sequence[StudyRun]) -> list[str]:
     lines = [
         "Pilot runs (a source's variants outside the campaign's arms, each over an arm's grid on "
         "seed 0, to check which variant an arm stands for; never selected, never in a claim; "
-        "compare with the winners above):",
+        "compare with the winners above; an arm chosen by a pilot spent these trials beside its "
+        "own budget):",
         "",
         "| pilot | runs | completed | learned | best setting | best final val loss |",
         "|---|---|---|---|---|---|",

@@ -161,6 +161,7 @@ def test_pilot_runs_are_listed_apart_and_change_no_claim(store: Path) -> None:
     row = "| two-level K-FAC (Koroko: spectral, exact coarse Fisher) | 3 | 2 | 2 | lr 0.1 | 97.5 |"
     assert row in toy
     assert "Pilot runs (a source's variants outside the campaign's arms" in toy
+    assert "an arm chosen by a pilot spent these trials beside its own budget" in toy
     assert "Pilot runs" not in before
     assert "(3 tuning trials, 3 pilot runs, 32 final runs" in toy
 
