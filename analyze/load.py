@@ -317,7 +317,7 @@ def budget_of(config_text: str) -> dict[str, Any]:
 
 # Optimizer settings added after committed runs were recorded, whose schema default does what
 # those runs did: a run recording the default groups with the runs that predate the setting.
-ADDED_LATER = ("grad_accumulation", "coarse_refresh", "coarse_downsample")
+ADDED_LATER = ("grad_accumulation", "coarse_refresh", "coarse_downsample", "fixed_pi")
 
 
 def schema_default(family: str, name: str) -> Any:

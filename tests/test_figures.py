@@ -456,3 +456,7 @@ def test_settings_added_later_group_with_runs_that_predate_them() -> None:
     new = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "grad_accumulation": 1}}
     other = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "grad_accumulation": 2}}
     assert setting_of(new) == setting_of(old) != setting_of(other)
+    # fixed_pi (factored_unit damping's π) came later still: the toy's eleventh seeds record 1.0
+    pi = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "fixed_pi": 1.0}}
+    pi_other = {**old, "hyperparameters": {"name": "kfac", "lr": 0.01, "fixed_pi": 0.5}}
+    assert setting_of(pi) == setting_of(old) != setting_of(pi_other)
