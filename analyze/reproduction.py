@@ -633,21 +633,21 @@ def pilot_table(runs: Sequence[StudyRun]) -> list[str]:
         "compare with the winners above; an arm chosen by a pilot spent these trials beside its "
         "own budget):",
         "",
-        "| pilot | runs | completed | learned | best setting | best final val loss |",
-        "|---|---|---|---|---|---|",
+        "| pilot | runs | completed | learned | best setting | best final val loss "
+        "| on the grid's edge |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in sorted({r.arm for r in pilots}, key=arm_rank):
         of_arm = [r for r in pilots if r.arm == arm]
-        done = [
-            r
-            for r in of_arm
-            if r.status == RunStatus.COMPLETED.value and math.isfinite(r.final_val_loss)
-        ]
-        best = min(done, key=lambda r: (r.final_val_loss, r.run_id)) if done else None
+        done = [r for r in of_arm if r.status == RunStatus.COMPLETED.value]
+        best = tuning_outcome(of_arm, of_arm[0].study, arm, stage=PILOT_STAGE)
+        cells = "| – | – | – |"
+        if best is not None and best.winner:
+            edge = ", ".join(best.on_edge) or "no"
+            cells = f"| {_settings(best.winner)} | {fmt(best.winner_val_loss)} | {edge} |"
         lines.append(
             f"| {arm_name(arm)} | {len(of_arm)} | {len(done)} | {sum(r.learned for r in done)} "
-            f"| {_settings(best.hyperparameters) if best else '–'} "
-            f"| {fmt(best.final_val_loss) if best else '–'} |"
+            + cells
         )
     return [*lines, ""]
 

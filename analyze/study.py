@@ -480,10 +480,13 @@ class TuningOutcome:
     distinct: int  # distinct final validation losses among the trials (ties: same trajectory)
 
 
-def tuning_outcome(runs: Sequence[StudyRun], study: str, arm: str) -> TuningOutcome | None:
+def tuning_outcome(
+    runs: Sequence[StudyRun], study: str, arm: str, *, stage: str = TUNE_STAGE
+) -> TuningOutcome | None:
     """Lowest final validation loss among the arm's completed tuning trials in ``study``
-    (ties: run id); arms of other studies with the same name never mix in."""
-    trials = [r for r in runs if r.study == study and r.arm == arm and r.stage == TUNE_STAGE]
+    (ties: run id); arms of other studies with the same name never mix in. ``stage``
+    ``PILOT_STAGE``: the same over a pilot's runs."""
+    trials = [r for r in runs if r.study == study and r.arm == arm and r.stage == stage]
     if not trials:
         return None
     done = [r for r in trials if r.status == RunStatus.COMPLETED.value]
