@@ -138,16 +138,17 @@ def tuning_trials(runs: Sequence[Trial], sweeps: Sequence[str]) -> list[Trial]:
     """The runs of the given sweeps that are tuning trials (final reruns, edge checks and
     pilots out)."""
     wanted = set(sweeps)
-    skipped = (TuningStage.FINAL.value, TuningStage.EXTENSION.value, TuningStage.PILOT.value)
+    tune = TuningStage.TUNE.value
     return [
         t
         for t in runs
-        if t.sweep_id in wanted and (t.tuning is None or t.tuning.get("stage") not in skipped)
+        if t.sweep_id in wanted and (t.tuning is None or t.tuning.get("stage") in (None, tune))
     ]
 
 
 def collect_trials(results: Path, sweeps: Sequence[str]) -> list[Trial]:
-    """Tuning-stage runs of the given sweeps under ``results`` (final reruns, edge checks out)."""
+    """Tuning-stage runs of the given sweeps under ``results`` (final reruns, edge checks and
+    pilots out)."""
     trials = tuning_trials(read_runs(results), sweeps)
     if not trials:
         raise ConfigError("--sweep", f"no runs of sweep(s) {', '.join(sweeps)} under '{results}'")

@@ -21,6 +21,10 @@ TUNING_PRESETS = [e for e in EXPERIMENTS if e.startswith("tune_")]
 # The arms of a study campaign (docs/study.md): tuning presets of one benchmark each.
 STUDY_PRESETS = [e for e in EXPERIMENTS if e.startswith("study_")]
 BENCHMARK_PRESETS = [e for e in EXPERIMENTS if not e.startswith(("tune_", "study_"))]
+# Pilots (docs/study.md): a source's variant over a study arm's grid, in their own folder.
+PILOT_PRESETS = sorted(
+    f"pilot/{p.stem}" for p in (CONF_DIR / "experiment" / "pilot").glob("*.yaml")
+)
 # Reproductions of a paper carry its first author's name; the others are the suite's own studies.
 PAPER_PRESETS = [e for e in BENCHMARK_PRESETS if e.startswith(("tselepidis_", "koroko_"))]
 
@@ -57,19 +61,31 @@ def test_every_benchmark_preset_has_a_tuning_preset() -> None:
         assert name.removeprefix("tune_") in BENCHMARK_PRESETS, f"{name} tunes no benchmark"
 
 
+def names_its_benchmark(cfg: DictConfig) -> bool:
+    """The campaign is named after its benchmark preset; a campaign at another training length
+    than its benchmark's says so in a suffix (mnist_ae_small_10ep: 10 epochs)."""
+    length = f"_{cfg.trainer.epochs}ep"
+    return cfg.tuning.study in set(BENCHMARK_PRESETS) | {b + length for b in BENCHMARK_PRESETS}
+
+
 @pytest.mark.parametrize("name", STUDY_PRESETS)
 def test_study_arm_presets_compose_with_their_campaign(name: str) -> None:
     cfg = compose_full([f"experiment={name}"])
     # a later tuning round records its round-1 preset's name, so that their trials join
     first = name.removesuffix("_round2")
     assert cfg.tuning.round == (1 if first == name else 2)
-    # the campaign is named after its benchmark preset; a campaign at another training length
-    # than its benchmark's says so in a suffix (mnist_ae_small_10ep: 10 epochs)
-    length = f"_{cfg.trainer.epochs}ep"
-    variants = set(BENCHMARK_PRESETS) | {b + length for b in BENCHMARK_PRESETS}
-    assert cfg.experiment == first and cfg.tuning.study in variants
+    assert cfg.experiment == first and names_its_benchmark(cfg)
     assert cfg.tuning.arm and cfg.data.val_fraction > 0 and cfg.tuning.stage == "tune"
     validate_config(compose_job([f"experiment={name}"]))  # equal budget: every grid has `budget`
+
+
+@pytest.mark.parametrize("name", PILOT_PRESETS)
+def test_pilot_presets_compose_as_pilots_of_a_study(name: str) -> None:
+    record = tuning.tuning_record(name)  # equal budget: the grid has `budget` points
+    cfg = compose_job([f"experiment={name}"])
+    assert record["stage"] == "pilot" and list(record["grid"]) == [record["arm"]]
+    assert names_its_benchmark(cfg)
+    assert optimizer_family(record["arm"]) == cfg.optimizer.name == "kfac2"
 
 
 def family(optimizer: str) -> str:
