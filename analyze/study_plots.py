@@ -32,14 +32,17 @@ from analyze.study import (
 )
 from analyze.style import BAND_ALPHA, BASELINE_COLOUR, BASELINE_LINESTYLE, Palette, figure_style
 
-# the arms the palette does not fix take these families' colours with their own line style
-ARM_STYLE = {
+# the arms the palette does not fix take these families' colours with their own line style (a
+# matplotlib line style: a name or an (offset, on-off pattern) pair)
+LineStyle = str | tuple[int, tuple[int, ...]]
+ARM_STYLE: dict[str, tuple[str, LineStyle]] = {
     "sgd": ("sgd", "-"),
     "adam": ("adam", "-"),
     "kfac": ("kfac", "-"),
     "kfac2": ("kfac2", "-"),
     "kfac2_exact": ("kfac2", "--"),
     "kfac2_krylov": ("kfac2", "-."),
+    "kfac2_krylov_residual": ("kfac2", (0, (5, 1, 1, 1, 1, 1))),
     "kfac2_accumulate": ("kfac2", ":"),
     "kfac2_authors": ("kfac2", ":"),
 }
@@ -51,7 +54,7 @@ def tuned_studies(runs: Sequence[StudyRun]) -> list[str]:
     return sorted({r.study for r in finals if r.study not in SOURCE_STUDIES})
 
 
-def _style(arm: str, palette: Palette) -> tuple[str, str]:
+def _style(arm: str, palette: Palette) -> tuple[str, LineStyle]:
     family, linestyle = ARM_STYLE.get(arm, (arm, "-"))
     return palette.colour(family), linestyle
 

@@ -10,8 +10,9 @@ from matplotlib.collections import PathCollection
 
 from analyze.build import BuildOptions, build_all
 from analyze.labels import Caption
-from analyze.study import load_study
-from analyze.study_plots import plot_study, tuned_studies
+from analyze.study import ARM_ORDER, load_study
+from analyze.study_plots import ARM_STYLE, _style, plot_study, tuned_studies
+from analyze.style import Palette
 from tests.test_reproduction import BASELINE, EPOCHS, store, write_run  # noqa: F401  (fixture)
 
 
@@ -71,3 +72,11 @@ def test_build_writes_the_study_figure(store: Path, tmp_path: Path) -> None:  # 
     other = tmp_path / "other"
     build_all(BuildOptions(results=(store,), out=other, benchmarks=("mnist_ae",), n_bootstrap=50))
     assert (other / "study_toy_study.png").exists()
+
+
+def test_the_arms_of_a_tuned_study_are_told_apart_by_colour_and_line_style() -> None:
+    # kfac2_authors is an arm of source-settings studies only, where kfac2_accumulate never runs
+    arms = [arm for arm in ARM_ORDER if arm != "kfac2_authors"]
+    palette = Palette.for_optimizers(ARM_STYLE[a][0] for a in arms)
+    styles = {arm: _style(arm, palette) for arm in arms}
+    assert len(set(styles.values())) == len(arms), styles
