@@ -382,6 +382,7 @@ def render_report(runs: Sequence[StudyRun]) -> str:
         out.extend(published_lines(model, outcomes))
         if study in SOURCE_STUDIES:
             out.extend(["### Settings (no tuning)", "", *source_settings_lines(study)])
+            out.extend(pilot_table([r for r in runs if r.study == study]))
         else:
             out.extend(
                 ["### Tuning (equal budget per arm)", "", *tuning_table(runs, study, outcomes)]
@@ -628,8 +629,9 @@ def pilot_table(runs: Sequence[StudyRun]) -> list[str]:
     if not pilots:
         return []
     lines = [
-        "Pilot runs (a source's variants outside the campaign's arms, each over an arm's grid on "
-        "seed 0, to check which variant an arm stands for; never selected, never in a claim; "
+        "Pilot runs (a source's variants outside the campaign's arms, each over an arm's grid "
+        "(at a source's settings: its one setting, on the study's validation split) on seed 0, "
+        "to check which variant an arm stands for; never selected, never in a claim; "
         "compare with the winners above; an arm chosen by a pilot spent these trials beside its "
         "own budget):",
         "",

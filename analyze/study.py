@@ -111,14 +111,27 @@ class SourceSettingsStudy:
         return None
 
 
-# Six arms told apart by their optimizer settings, each named with the coarse settings that set
+# Koroko et al.'s coarse spaces, each an arm where a pilot chose it (docs/study.md): the arm ->
+# its optimizer preset's coarse_space, with their exact coarse Fisher
+KOROKO_SPACES = (
+    ("kfac2_exact", "nicolaides"),
+    ("kfac2_spectral", "spectral"),
+    ("kfac2_residual", "residual"),
+    ("kfac2_krylov", "krylov_nicolaides"),
+    ("kfac2_krylov_residual", "krylov_residual"),
+)
+# The arms told apart by their optimizer settings, each named with the coarse settings that set
 # it apart (a run of another two-level form matches none): kfac2_exact is Koroko et al.'s
-# two-level form, kfac2_authors the two-level authors' paper-time coarse matrix
+# two-level form (Nicolaides space), their other spaces arms of their own, kfac2_authors the
+# two-level authors' paper-time coarse matrix
 SIX_ARMS = (
     ("sgd", (("name", "sgd"),)),
     ("adam", (("name", "adam"),)),
     ("kfac", (("name", "kfac"),)),
-    ("kfac2_exact", (("name", "kfac2"), ("coarse_fisher", "exact"))),
+    *(
+        (arm, (("name", "kfac2"), ("coarse_fisher", "exact"), ("coarse_space", space)))
+        for arm, space in KOROKO_SPACES
+    ),
     (
         "kfac2",
         (
@@ -431,12 +444,16 @@ def _mismatches(group: Sequence[StudyRun], keys: Callable[[str], bool]) -> dict[
 def check_source_settings(runs: Sequence[StudyRun]) -> list[StudyRun]:
     """Runs of source-settings studies marked when their settings differ from their study's.
 
-    Apart from the optimizer, every run of the study must share its settings; within an arm,
-    the optimizer settings too. Other runs are returned unchanged.
+    Apart from the optimizer, every final run of the study must share its settings; within an
+    arm, the optimizer settings too. Other runs (a pilot's, on a validation split) are returned
+    unchanged.
     """
     marks: dict[str, list[str]] = {}
     for study in SOURCE_STUDIES:
-        of_study = sorted((r for r in runs if r.study == study), key=lambda r: r.run_id)
+        of_study = sorted(
+            (r for r in runs if r.study == study and r.stage == FINAL_STAGE),
+            key=lambda r: r.run_id,
+        )
         found = [_mismatches(of_study, lambda k: not k.startswith("optimizer."))]
         for arm in sorted({r.arm for r in of_study}):
             group = [r for r in of_study if r.arm == arm]

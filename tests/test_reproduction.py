@@ -356,3 +356,47 @@ def test_source_settings_study_groups_preset_runs_into_arms(tmp_path: Path) -> N
         "0 of 8 learned; final running train loss 199.5 ± 0 (n 8) against the trivial "
         "baseline 200" in report
     )
+
+
+def test_a_source_study_tells_koroko_spaces_apart_and_reports_its_pilot(tmp_path: Path) -> None:
+    study = "koroko_fmnist_deep_linear_small"  # a source-settings study with SIX_ARMS
+    root = tmp_path / "results"
+    spaces = {"kfac2_exact": "nicolaides", "kfac2_krylov": "krylov_nicolaides"}
+    offsets = [0.3, -0.2, 0.5, 0.1, -0.1, 0.4, 0.2, 0.0]
+    for seed in range(8):
+        kfac = 100.0 + offsets[seed]
+        for arm, final in (("kfac", kfac), ("kfac2_exact", kfac), ("kfac2_krylov", kfac - 5.0)):
+            config = source_config("ok", "kfac", **{"trainer.seed": seed})
+            if arm != "kfac":
+                config["optimizer"].update(
+                    name="kfac2", coarse_fisher="exact", coarse_space=spaces[arm]
+                )
+            write_run(root, arm=arm, optimizer=arm, seed=seed, final=final, config=config)
+    for folder in root.iterdir():  # these ran the Koroko preset
+        summary = json.loads((folder / "summary.json").read_text())
+        (folder / "summary.json").write_text(json.dumps({**summary, "experiment": study}))
+    # the pilot: each space once on seed 0 with a validation split (settings differ from the
+    # finals' on purpose: it is not one of the study's final runs)
+    for arm, val in (("kfac2_exact", 1.5), ("kfac2_krylov", 1.25)):
+        write_run(
+            root, arm=arm, optimizer=arm, seed=0, final=val, val=val, stage="pilot", study=study
+        )
+    runs = load_study([root])
+    finals = [r for r in runs if r.stage == "final"]
+    assert {r.study for r in runs} == {study}
+    assert {(r.arm, r.usable) for r in finals} == {
+        (arm, True) for arm in ("kfac", "kfac2_exact", "kfac2_krylov")
+    }
+    assert all(not r.settings_mismatch for r in runs)
+    report = render_report(runs)
+    section = report.split(f"## {study}")[1]
+    assert "Pilot runs" in section
+    assert "| two-level K-FAC (Koroko: Krylov from all-ones, exact coarse Fisher) | 1 | 1 |" in (
+        section
+    )
+    rows = {
+        line.split("|")[2].strip(): line for line in section.splitlines() if f"{study} |" in line
+    }
+    # 5 below K-FAC on all 8 seeds; the Nicolaides arm ties K-FAC on every seed
+    assert rows["two-level (Koroko Krylov) vs K-FAC"].rstrip().endswith("**better** |")
+    assert "| 8/8, 8/8 | 8 |" in rows["two-level (Koroko exact) vs K-FAC"]
