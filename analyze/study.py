@@ -69,12 +69,14 @@ COMPARISONS = (
     # where a pilot found another of Koroko et al.'s spaces best (docs/study.md)
     ComparisonSpec("two-level (Koroko Krylov) vs K-FAC", "kfac2_krylov", "kfac"),
     ComparisonSpec("two-level (Koroko Krylov-residual) vs K-FAC", "kfac2_krylov_residual", "kfac"),
+    ComparisonSpec("two-level (Koroko spectral) vs K-FAC", "kfac2_spectral", "kfac"),
+    ComparisonSpec("two-level (Koroko residual) vs K-FAC", "kfac2_residual", "kfac"),
     ComparisonSpec("two-level authors' code (accumulate) vs rebuild", "kfac2_authors", "kfac2"),
     ComparisonSpec("two-level authors' code (accumulate) vs K-FAC", "kfac2_authors", "kfac"),
 )
 ARM_ORDER = (
     "sgd", "adam", "kfac", "kfac2", "kfac2_accumulate", "kfac2_authors", "kfac2_exact",
-    "kfac2_krylov", "kfac2_krylov_residual",
+    "kfac2_krylov", "kfac2_krylov_residual", "kfac2_spectral", "kfac2_residual",
 )  # fmt: skip
 ARM_NAMES = {
     "sgd": "SGD",

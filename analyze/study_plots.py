@@ -43,6 +43,8 @@ ARM_STYLE: dict[str, tuple[str, LineStyle]] = {
     "kfac2_exact": ("kfac2", "--"),
     "kfac2_krylov": ("kfac2", "-."),
     "kfac2_krylov_residual": ("kfac2", (0, (5, 1, 1, 1, 1, 1))),
+    "kfac2_spectral": ("kfac2", (0, (8, 2))),
+    "kfac2_residual": ("kfac2", (0, (1, 3))),
     "kfac2_accumulate": ("kfac2", ":"),
     "kfac2_authors": ("kfac2", ":"),
 }

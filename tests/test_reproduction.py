@@ -19,7 +19,7 @@ from analyze.reproduction import (
     render_summary,
     replace_section,
 )
-from analyze.study import load_study
+from analyze.study import ARM_ORDER, COMPARISONS, KOROKO_SPACES, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = "tselepidis_deep_linear_small"  # a study at its source's settings (analyze.study)
@@ -400,3 +400,9 @@ def test_a_source_study_tells_koroko_spaces_apart_and_reports_its_pilot(tmp_path
     # 5 below K-FAC on all 8 seeds; the Nicolaides arm ties K-FAC on every seed
     assert rows["two-level (Koroko Krylov) vs K-FAC"].rstrip().endswith("**better** |")
     assert "| 8/8, 8/8 | 8 |" in rows["two-level (Koroko exact) vs K-FAC"]
+
+
+@pytest.mark.parametrize("arm", [arm for arm, _ in KOROKO_SPACES])
+def test_every_koroko_space_that_a_pilot_can_choose_is_compared_with_kfac(arm: str) -> None:
+    assert arm in ARM_ORDER
+    assert any(c.a == arm and c.b == "kfac" for c in COMPARISONS)
