@@ -329,9 +329,10 @@ def _protocol_lines(
 ) -> list[str]:
     of_study = [r for r in runs if r.study == study]
     first = of_study[0]
-    baselines = sorted({round(r.baseline_train_loss, 6) for r in of_study})
     versions = sorted({r.code_version for r in of_study})
     finals = [r for r in of_study if r.stage == "final"]
+    # the claims' baseline: a pilot on a validation split trains on a slightly smaller set
+    baselines = sorted({round(r.baseline_train_loss, 6) for r in finals or of_study})
     seeds = sorted({r.seed for r in finals})
     superseded = sum(len(o.superseded) for o in outcomes.values())
     old = f"; {superseded} of them of a superseded winner" if superseded else ""
@@ -632,8 +633,8 @@ def pilot_table(runs: Sequence[StudyRun]) -> list[str]:
         "Pilot runs (a source's variants outside the campaign's arms, each over an arm's grid "
         "(at a source's settings: its one setting, on the study's validation split) on seed 0, "
         "to check which variant an arm stands for; never selected, never in a claim; "
-        "compare with the winners above; an arm chosen by a pilot spent these trials beside its "
-        "own budget):",
+        "compare with the tuned arms' winners above; an arm chosen by a pilot spent these "
+        "trials beside its own budget):",
         "",
         "| pilot | runs | completed | learned | best setting | best final val loss "
         "| on the grid's edge |",

@@ -381,6 +381,10 @@ def test_a_source_study_tells_koroko_spaces_apart_and_reports_its_pilot(tmp_path
         write_run(
             root, arm=arm, optimizer=arm, seed=0, final=val, val=val, stage="pilot", study=study
         )
+    for folder in root.glob(f"{study}_*_pilot_*"):  # trained on 90 %: its own baseline
+        summary = json.loads((folder / "summary.json").read_text())
+        summary["baseline_train_loss"] = BASELINE - 1.0
+        (folder / "summary.json").write_text(json.dumps(summary))
     runs = load_study([root])
     finals = [r for r in runs if r.stage == "final"]
     assert {r.study for r in runs} == {study}
@@ -390,6 +394,7 @@ def test_a_source_study_tells_koroko_spaces_apart_and_reports_its_pilot(tmp_path
     assert all(not r.settings_mismatch for r in runs)
     report = render_report(runs)
     section = report.split(f"## {study}")[1]
+    assert "Trivial baseline (mean image (bernoulli), train split): 200. A run" in section
     assert "Pilot runs" in section
     assert "| two-level K-FAC (Koroko: Krylov from all-ones, exact coarse Fisher) | 1 | 1 |" in (
         section
