@@ -389,14 +389,19 @@ def _runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _mark_superseded(runs: pd.DataFrame) -> None:
-    """Keep one completed run per (group, seed): the last finished; mark the others."""
-    usable = runs[runs["usable"]]
+    """Keep one completed run per (group, seed): the last finished; mark the others.
+
+    A pilot (``tuning.stage`` ``pilot``) checks a variant on a validation split, so it neither
+    replaces nor is replaced by a run of the same group and seed that is not a pilot."""
+    usable = runs[runs["usable"]].copy()
     if usable.empty:
         return
+    stage = usable.get("tuning.stage", pd.Series(None, index=usable.index, dtype="object"))
+    usable["_pilot"] = stage.astype(str) == "pilot"
     order = usable.sort_values(
         [c for c in ("finished_at", "run_id") if c in usable.columns], na_position="first"
     )
-    duplicated = order.duplicated([*GROUP_KEYS, "seed"], keep="last")
+    duplicated = order.duplicated([*GROUP_KEYS, "seed", "_pilot"], keep="last")
     for index in order.index[duplicated]:
         runs.loc[index, "usable"] = False
         runs.loc[index, "problem"] = "superseded: a later completed run has the same seed"

@@ -85,6 +85,16 @@ class Palette:
             colours[name] = SPARE_COLOURS[index % len(SPARE_COLOURS)]
         return cls(colours)
 
+    def for_figure(self, names: Iterable[str]) -> Palette:
+        """This palette when it tells the named optimizers apart; else one that does as far as
+        the spare colours go (the four families keep theirs): an analysis with more presets
+        than spare colours must not draw two lines of one figure alike."""
+        shown = sorted(set(names))
+        colours = [self.colour(name) for name in shown]
+        if len(set(colours)) == len(colours):
+            return self
+        return Palette.for_optimizers(shown)
+
     def colour(self, optimizer: str) -> str:
         """The optimizer's colour (a name never seen gets black rather than failing)."""
         return self.colours.get(optimizer, OKABE_ITO["black"])

@@ -531,39 +531,31 @@ def test_duplicates_settings_and_non_finite_runs(tmp_path: Path) -> None:
     )
     summary = old.read_summary()
     old.write_summary({**summary, "finished_at": "2023-01-01T00:00:00+00:00"})
-    write_run(
-        first, "new", key=key, seed=0, status="completed", train=loss_curve(40, epochs), wall=epochs
-    )
-    write_run(
-        second,
-        "new",
-        key=key,
-        seed=1,
-        status="completed",
-        train=loss_curve(45, epochs),
-        wall=epochs,
-    )
-    other = write_run(
-        first,
-        "other_lr",
-        key=key,
-        seed=0,
-        status="completed",
-        train=loss_curve(30, epochs),
-        wall=epochs,
-    )
+
+    def completed(root: Path, name: str, seed: int, level: float) -> RunFolder:
+        curve = loss_curve(level, epochs)
+        return write_run(
+            root, name, key=key, seed=seed, status="completed", train=curve, wall=epochs
+        )
+
+    completed(first, "new", 0, 40)
+    completed(second, "new", 1, 45)
+    other = completed(first, "other_lr", 0, 30)
     other.write_summary({**other.read_summary(), "hyperparameters": {"lr": 0.1, "damping": 0.001}})
     nan_curve = loss_curve(45, epochs)
     nan_curve[-1] = np.nan
     write_run(first, "nan_final", key=key, seed=2, status="completed", train=nan_curve, wall=epochs)
+    # the same group and seed on a validation split: a pilot stands in for no result
+    pilot = completed(first, "pilot", 0, 20)
+    pilot.write_summary({**pilot.read_summary(), "tuning": {"stage": "pilot"}})
 
     results = load_results([first, second, first])  # a root given twice is read once
     skipped = {s.run_id: s.reason for s in results.skipped()}
     assert skipped["old"] == "superseded: a later completed run has the same seed"
     assert skipped[f"new@{second / 'new'}"].startswith("duplicate run_id new")
     assert skipped["nan_final"] == "completed but the final train loss is not finite"
-    assert sorted(results.usable_runs()["run_id"]) == ["new", "other_lr"]
-    table = final_loss_table(results).numbers
+    assert sorted(results.usable_runs()["run_id"]) == ["new", "other_lr", "pilot"]
+    table = final_loss_table(results.filter(trials=False)).numbers
     # two learning rates are two groups, labelled by the setting that differs
     assert sorted(table["label"]) == ["kfac · lr=0.01", "kfac · lr=0.1"]
     row = table.set_index("label").loc["kfac · lr=0.01"]
@@ -726,3 +718,17 @@ def test_a_benchmark_run_by_several_presets_gets_a_figure_per_preset(tmp_path: P
     assert means["adam"].get_ydata()[-1] == pytest.approx(
         stats.gmean([40.0, 41.0])
     )  # geometric on log y
+
+
+def test_a_figure_never_draws_two_optimizers_in_one_colour() -> None:
+    # an analysis with more presets than spare colours: the analysis-wide palette repeats some
+    names = ["sgd", "kfac", "kfac2", "kfac2_authors", "kfac2_exact", "kfac2_krylov"]
+    names += ["kfac2_krylov_residual", "kfac2_residual", "kfac2_spectral"]
+    palette = Palette.for_optimizers(names)
+    shown = ["sgd", "kfac", "kfac2", "kfac2_authors", "kfac2_exact", "kfac2_spectral"]
+    assert len({palette.colour(n) for n in shown}) < len(shown)
+    mine = palette.for_figure(shown)
+    assert len({mine.colour(n) for n in shown}) == len(shown)
+    assert mine.colour("kfac") == palette.colour("kfac")  # the families keep their colours
+    distinct = ["sgd", "kfac", "kfac2_authors"]
+    assert palette.for_figure(distinct) is palette  # nothing to fix: colours stay analysis-wide
