@@ -64,6 +64,7 @@ from analyze.style import (
     PNG_DPI,
     VARIANT_LINESTYLES,
     Palette,
+    figure_palette,
     figure_style,
     is_loss,
     metric_label,
@@ -537,7 +538,7 @@ def plot_benchmark(
     all_keys = list(keys) if keys is not None else groups_of(results, benchmark=benchmark)
     shown = capped_groups(results, all_keys, caption)
     labels = short_labels(shown)
-    palette = (palette or Palette.for_optimizers([])).for_figure(k.optimizer for k in shown)
+    palette = figure_palette(palette, (k.optimizer for k in shown))
     metrics = benchmark_metrics(results, benchmark=benchmark, loss_kind=loss_kind) or [
         loss_kind.column("train")
     ]
@@ -584,7 +585,7 @@ def plot_main(
     labels = {}
     for keys in per_benchmark.values():
         labels.update(short_labels(keys))
-    palette = (palette or Palette.for_optimizers([])).for_figure(k.optimizer for k in all_keys)
+    palette = figure_palette(palette, (k.optimizer for k in all_keys))
     metric = loss_kind.column("train")
     legend = Legend()
     with figure_style():

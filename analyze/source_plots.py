@@ -32,7 +32,7 @@ from analyze.plots import (
     fit_title,
 )
 from analyze.running import RUNNING_LOSS
-from analyze.style import Palette, figure_style
+from analyze.style import Palette, figure_palette, figure_style
 
 RUNNING_ACC = "train_running_acc"
 FAMILY_NAMES = {
@@ -108,7 +108,7 @@ def plot_source(
     keys = [k for b in mine.benchmarks() for k in groups_of(mine, benchmark=b)]
     shown = capped_groups(mine, keys, caption)
     labels = _paper_labels(mine, shown)
-    palette = (palette or Palette.for_optimizers([])).for_figure(k.optimizer for k in shown)
+    palette = figure_palette(palette, (k.optimizer for k in shown))
     if source is Source.TSELEPIDIS:
         train_acc = RUNNING_ACC if _has(mine, RUNNING_ACC) else "train_acc"
         layout = [[(RUNNING_LOSS, Axis.EPOCH), ("test_loss", Axis.EPOCH)]]

@@ -85,19 +85,21 @@ class Palette:
             colours[name] = SPARE_COLOURS[index % len(SPARE_COLOURS)]
         return cls(colours)
 
-    def for_figure(self, names: Iterable[str]) -> Palette:
-        """This palette when it tells the named optimizers apart; else one that does as far as
-        the spare colours go (the four families keep theirs): an analysis with more presets
-        than spare colours must not draw two lines of one figure alike."""
-        shown = sorted(set(names))
-        colours = [self.colour(name) for name in shown]
-        if len(set(colours)) == len(colours):
-            return self
-        return Palette.for_optimizers(shown)
-
     def colour(self, optimizer: str) -> str:
         """The optimizer's colour (a name never seen gets black rather than failing)."""
         return self.colours.get(optimizer, OKABE_ITO["black"])
+
+
+def figure_palette(palette: Palette | None, names: Iterable[str]) -> Palette:
+    """The colours of one figure's optimizers: the analysis-wide ``palette`` when it gives each
+    of them a colour of its own, else fresh ones for just these (the four families keep theirs).
+    An analysis with more presets than spare colours must not draw two lines of a figure alike."""
+    shown = sorted(set(names))
+    if palette is not None:
+        colours = [palette.colours.get(name) for name in shown]
+        if None not in colours and len(set(colours)) == len(colours):
+            return palette
+    return Palette.for_optimizers(shown)
 
 
 METRIC_LABELS = {

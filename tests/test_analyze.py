@@ -20,7 +20,7 @@ from analyze.build import BuildOptions, build_all
 from analyze.load import AnalysisStatus, ResultsSet, load_results
 from analyze.plots import plot_benchmark, plot_main, plot_profile
 from analyze.stats import performance_profile
-from analyze.style import Palette
+from analyze.style import Palette, figure_palette
 from analyze.tables import (
     final_loss_table,
     fmt_mean_std,
@@ -727,8 +727,11 @@ def test_a_figure_never_draws_two_optimizers_in_one_colour() -> None:
     palette = Palette.for_optimizers(names)
     shown = ["sgd", "kfac", "kfac2", "kfac2_authors", "kfac2_exact", "kfac2_spectral"]
     assert len({palette.colour(n) for n in shown}) < len(shown)
-    mine = palette.for_figure(shown)
+    mine = figure_palette(palette, shown)
     assert len({mine.colour(n) for n in shown}) == len(shown)
     assert mine.colour("kfac") == palette.colour("kfac")  # the families keep their colours
     distinct = ["sgd", "kfac", "kfac2_authors"]
-    assert palette.for_figure(distinct) is palette  # nothing to fix: colours stay analysis-wide
+    assert figure_palette(palette, distinct) is palette  # nothing to fix: stays analysis-wide
+    # no analysis-wide palette: a figure's own extra preset is never drawn in SGD's black
+    alone = figure_palette(None, ["kfac", "kfac2_exact"])
+    assert alone.colour("kfac2_exact") not in (alone.colour("kfac"), alone.colour("sgd"))
