@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from analyze.bench_table import BEGIN as BENCH_BEGIN
+from analyze.bench_table import END as BENCH_END
+from analyze.bench_table import REFERENCE as BENCH_REFERENCE
+from analyze.bench_table import render_bench_table
 from analyze.claims import claims_for
 from analyze.published import published_for
 from analyze.small_scale import BEGIN as SMALL_BEGIN
@@ -703,6 +707,13 @@ def generated_files(results: Sequence[Path], repo: Path) -> dict[Path, str]:
         where=str(README_PATH),
         begin=SMALL_BEGIN,
         end=SMALL_END,
+    )
+    out[readme] = replace_section(
+        out[readme],
+        render_bench_table(repo / BENCH_REFERENCE),
+        where=str(README_PATH),
+        begin=BENCH_BEGIN,
+        end=BENCH_END,
     )
     return out
 
