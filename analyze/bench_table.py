@@ -37,6 +37,8 @@ def _ratio(value: float) -> str:
 
 def _load(reference: Path, name: str, problem: str) -> tuple[dict[str, Any], dict[str, Any]]:
     path = reference / name
+    if not path.is_file():
+        raise ValueError(f"{path}: no stored benchmark result (`make bench` writes it)")
     result = json.loads(path.read_text())
     if problem not in result.get("problems", {}):
         raise ValueError(f"{path}: no problem {problem!r} (has {sorted(result['problems'])})")
@@ -44,7 +46,13 @@ def _load(reference: Path, name: str, problem: str) -> tuple[dict[str, Any], dic
 
 
 def _methods(problem: dict[str, Any], period: str) -> dict[str, Any]:
-    methods: dict[str, Any] = problem["groups"][period]["methods"]
+    groups = problem["groups"]
+    if period not in groups:
+        raise ValueError(f"stored benchmark result: no period {period} (has {sorted(groups)})")
+    methods: dict[str, Any] = groups[period]["methods"]
+    missing = sorted({"sgd", *(key for key, _, _ in COLUMNS)} - set(methods))
+    if missing:
+        raise ValueError(f"stored benchmark result, {period}: no method {', '.join(missing)}")
     return methods
 
 

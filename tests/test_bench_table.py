@@ -73,3 +73,15 @@ def test_a_result_without_the_problem_is_an_error(tmp_path: Path) -> None:
     (tmp_path / name).write_text(json.dumps(stored_result("other_problem", 0.1, 0.1)))
     with pytest.raises(ValueError, match=f"no problem '{problem}'"):
         render_bench_table(tmp_path)
+
+
+def test_a_missing_result_or_method_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no stored benchmark result"):
+        render_bench_table(tmp_path)
+    write_reference(tmp_path)
+    name, problem = SOURCES[0]
+    result = stored_result(problem, 0.1, 0.1)
+    del result["problems"][problem]["groups"][PERIODS[1]]["methods"]["kfac2_exact"]  # type: ignore[index]
+    (tmp_path / name).write_text(json.dumps(result))
+    with pytest.raises(ValueError, match=f"{PERIODS[1]}: no method kfac2_exact"):
+        render_bench_table(tmp_path)
