@@ -89,10 +89,10 @@ def render_bench_table(reference: Path = REFERENCE) -> str:
                 cells.append(cell)
             label = f"{problem_name} ({problem['batch']}), {period[1:]}"
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        eigen = _methods(problem, PERIODS[0])["kfac[eigen]"]["amortised_s"]
+        first = _methods(problem, PERIODS[0])
+        eigen = first["kfac[eigen]"]["amortised_s"]
         ratios = ", ".join(
-            f"{key} {_ratio(_methods(problem, PERIODS[0])[key]['amortised_s'] / eigen)}"
-            for key in TWO_LEVEL
+            f"{key} {_ratio(first[key]['amortised_s'] / eigen)}" for key in TWO_LEVEL
         )
         two_level.append(f"{problem_name} {ratios}")
     return (
@@ -103,7 +103,7 @@ def render_bench_table(reference: Path = REFERENCE) -> str:
                 "Each cell: the method's step time ÷ SGD's, measured interleaved in one process "
                 "(median over repeats of whole T_inv cycles); in brackets the ratio of their "
                 "floating-point floors (counted matrix flops ÷ measured matmul throughput). "
-                "Two-level ÷ K-FAC eigen step at T10/100: " + "; ".join(two_level) + ".",
+                f"Two-level ÷ K-FAC eigen step at {PERIODS[0]}: " + "; ".join(two_level) + ".",
                 "",
                 "Sources: " + "; ".join(sources) + ".",
             ]
