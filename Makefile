@@ -67,7 +67,7 @@ figures: install ## Figures, tables, report: results/reference -> figures/refere
 	  else echo "figures: no runs in $$root yet (skipped)"; fi; \
 	done
 
-report: install ## The study's report (docs/report.md), README/docs/study.md results (results/reference), README step costs (bench/reference)
+report: install ## The study's report (docs/report.md), README/docs/study.md results (results/reference), README step costs (bench/reference) and test times (.ci/records)
 	$(PY) -m analyze.reproduction --results results/reference
 
 bench: install ## Step-cost ratios, per-stage K-FAC timings, memory, data-parallel K-FAC on 2 CPU ranks (bench/out)

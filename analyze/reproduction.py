@@ -24,6 +24,10 @@ from analyze.bench_table import BEGIN as BENCH_BEGIN
 from analyze.bench_table import END as BENCH_END
 from analyze.bench_table import REFERENCE as BENCH_REFERENCE
 from analyze.bench_table import render_bench_table
+from analyze.ci_table import BEGIN as CI_BEGIN
+from analyze.ci_table import END as CI_END
+from analyze.ci_table import RECORDS as CI_RECORDS
+from analyze.ci_table import render_ci_table
 from analyze.claims import claims_for
 from analyze.published import published_for
 from analyze.small_scale import BEGIN as SMALL_BEGIN
@@ -701,20 +705,15 @@ def generated_files(results: Sequence[Path], repo: Path) -> dict[Path, str]:
         full = repo / path
         out[full] = replace_section(full.read_text(), summary, where=str(path))
     readme = repo / README_PATH
-    out[readme] = replace_section(
-        out[readme],
-        render_small_scale(results),
-        where=str(README_PATH),
-        begin=SMALL_BEGIN,
-        end=SMALL_END,
+    blocks = (
+        (render_small_scale(results), SMALL_BEGIN, SMALL_END),
+        (render_bench_table(repo / BENCH_REFERENCE), BENCH_BEGIN, BENCH_END),
+        (render_ci_table(repo / CI_RECORDS), CI_BEGIN, CI_END),
     )
-    out[readme] = replace_section(
-        out[readme],
-        render_bench_table(repo / BENCH_REFERENCE),
-        where=str(README_PATH),
-        begin=BENCH_BEGIN,
-        end=BENCH_END,
-    )
+    for block, begin, end in blocks:
+        out[readme] = replace_section(
+            out[readme], block, where=str(README_PATH), begin=begin, end=end
+        )
     return out
 
 
