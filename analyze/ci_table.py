@@ -42,7 +42,12 @@ def _load(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: only passed CI runs are recorded (result {record.get('result')!r})"
         )
-    commands = [step["command"] for step in record["steps"]]
+    steps = record["steps"]
+    if not isinstance(steps, list) or not all(
+        isinstance(step, dict) and {"command", "seconds"} <= step.keys() for step in steps
+    ):
+        raise ValueError(f"{path}: not a CI record (each step needs a command and its seconds)")
+    commands = [step["command"] for step in steps]
     if commands != list(STEPS):
         raise ValueError(f"{path}: steps {commands} are not the steps of .ci/run {list(STEPS)}")
     return record

@@ -74,6 +74,10 @@ def test_an_unknown_load_is_a_dash(tmp_path: Path) -> None:
             json.dumps(record("2026-12-05T10:00:00Z", (1, 2, 3, 4), steps=[])),
             "are not the steps of .ci/run",
         ),
+        (
+            json.dumps(record("2026-12-05T10:00:00Z", (1, 2, 3, 4), steps=[{"command": "x"}])),
+            "each step needs a command and its seconds",
+        ),
     ],
 )
 def test_a_bad_record_is_a_one_line_error_naming_the_file(
